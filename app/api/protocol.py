@@ -1,0 +1,687 @@
+"""OpenAI request and response schemas (pydantic v2), their limits, and their SamplingParams.
+
+Requests are strict (a string is not a number), ignore unknown fields (clients send fields we do
+not know), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
+field. Limits that need the model (vocabulary, context) are checked by check_against_model once the
+route has tokenized the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    SkipValidation,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from app.api.errors import ContextTooLong, InvalidRequest
+from app.engine.types import SamplingParams, TokenLogprob
+
+MAX_N = 16  # choices per request (and best_of, which must equal n)
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_LEN = 256  # characters per stop string
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # completions logprobs, as OpenAI
+MAX_LOGIT_BIAS = 1024  # logit_bias entries; each bias in [-100, 100]
+MAX_MESSAGES = 1024
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_PROMPT_TOKEN_IDS = 131072  # token ids in a pre-tokenized prompt (all prompts together)
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOOLS = 128
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOKEN_ID = 2**31 - 1  # ids beyond the vocabulary are caught by check_against_model
+LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
+
+FinishReasonLiteral = Literal["stop", "length", "tool_calls", "timeout", "error"]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _bad(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+# ---- requests -------------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        # Clients (LangChain, older SDKs) send "stop": null and friends; null means "use the default".
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageParam(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise _bad("content must not be an empty list")
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise _bad("only text content is supported (every content part must have type 'text')")
+        return v
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessageParam:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise _bad(f"a {self.role} message needs content")
+        return self
+
+    def text(self) -> str:
+        """The content as one string; text parts are joined by newlines, as vLLM does."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text for part in self.content)
+
+
+def template_messages(messages: Sequence[ChatMessageParam]) -> list[dict[str, Any]]:
+    """Plain dicts for a chat template; developer messages become system messages (OpenAI's meaning)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by both generation endpoints; order matters to the cross-field validators."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS
+    )
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    ignore_eos: bool = False
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # lower runs first
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    timeout: float | None = Field(None, gt=0.0)  # seconds; the route turns it into a deadline
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> Any:
+        if v is not None and not info.data.get("stream", False):
+            raise _bad("stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise _bad("stop must be a string or a list of strings")
+        if len(items) > MAX_STOP:
+            raise _bad(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(not s or len(s) > MAX_STOP_LEN for s in items):
+            raise _bad(f"each stop sequence must have 1 to {MAX_STOP_LEN} characters")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or ():
+            if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > MAX_TOKEN_ID:
+                raise _bad("logit_bias keys must be token ids (non-negative integers written as strings)")
+        return v
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def _logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def to_sampling_params(
+        self, *, default_max_tokens: int, generation_defaults: Mapping[str, Any]
+    ) -> SamplingParams:
+        """Client values, else the model's generation defaults, else OpenAI's defaults.
+
+        default_max_tokens applies when the client set none (check_against_model then clips it
+        to the context); generation_defaults holds the model's generation_config values.
+        """
+        defaults = generation_defaults
+
+        def pick(name: str, fallback: float) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        max_tokens = self.requested_max_tokens
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, int(defaults.get("max_tokens", default_max_tokens)))
+        elif self.min_tokens > max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens.", param="min_tokens")
+        return SamplingParams(
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=max(0, int(pick("top_k", 0))),
+            min_p=float(pick("min_p", 0.0)),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            presence_penalty=float(pick("presence_penalty", 0.0)),
+            frequency_penalty=float(pick("frequency_penalty", 0.0)),
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
+            seed=self.seed,
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop_list(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=self._logprobs(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+
+def _check_prompt(v: Any) -> Any:
+    shape = "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not v:
+        raise _bad(shape)
+    if all(isinstance(p, str) for p in v):
+        if len(v) > MAX_PROMPTS:
+            raise _bad(f"at most {MAX_PROMPTS} prompts are allowed")
+        return v
+    lists = v if all(isinstance(p, list) for p in v) else [v]
+    if len(lists) > MAX_PROMPTS:
+        raise _bad(f"at most {MAX_PROMPTS} prompts are allowed")
+    if sum(len(ids) for ids in lists) > MAX_PROMPT_TOKEN_IDS:
+        raise _bad(f"at most {MAX_PROMPT_TOKEN_IDS} prompt token ids are allowed")
+    # type() rather than isinstance() so that true/false are not token ids; a set keeps 128k ids cheap
+    if any(
+        not ids or set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) > MAX_TOKEN_ID for ids in lists
+    ):
+        raise _bad(shape + f" (token ids are integers in [0, {MAX_TOKEN_ID}], prompts are non-empty)")
+    return v
+
+
+class CompletionRequest(_SamplingRequest):
+    # _check_prompt validates the whole shape; pydantic's union would cost ~60 ms on 128k ids
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], SkipValidation]
+    max_tokens: PositiveInt | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: PositiveInt | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        return _check_prompt(v)
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("logprobs") is not None:
+            raise _bad("echo together with logprobs is not supported (prompt logprobs are not computed)")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise _bad("suffix is not supported")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v < n:
+            raise _bad("best_of must be greater than or equal to n")
+        if v is not None and v > n:
+            raise _bad("best_of greater than n is not supported")
+        return v
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs  # OpenAI completions: k = how many alternatives besides the sampled token
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or token ids; choice index = prompt index * n + i."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ResponseFormatJsonSchema(_Request):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: ResponseFormatJsonSchema | None = None
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: PositiveInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    echo: bool = False  # vLLM: prepend the last message's content when it has the reply's role
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs", False):
+            raise _bad("top_logprobs requires logprobs to be true")
+        return v
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def to_sampling_params(
+        self, *, default_max_tokens: int, generation_defaults: Mapping[str, Any]
+    ) -> SamplingParams:
+        if self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                f"response_format type '{self.response_format.type}' is not supported yet.",
+                param="response_format",
+            )
+        return super().to_sampling_params(
+            default_max_tokens=default_max_tokens, generation_defaults=generation_defaults
+        )
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return template_messages(self.messages)
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageParam] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise _bad("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[TokenId] = Field(max_length=MAX_PROMPT_TOKEN_IDS)
+
+
+def check_against_model(
+    params: SamplingParams,
+    prompt_len: int,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    max_tokens_given: bool = True,
+    prompt_token_ids: Sequence[int] = (),
+    noun: str = "prompt",
+) -> SamplingParams:
+    """Check what needs the model; clip a defaulted max_tokens to the room left in the context.
+
+    Like OpenAI, an explicit max_tokens that does not fit is an error, not silently shortened.
+    noun is the parameter that holds the prompt ("prompt" or "messages").
+    """
+    if prompt_len <= 0:
+        raise InvalidRequest(f"The {noun} is empty: there is nothing to complete.", param=noun)
+    for param, ids in (
+        ("prompt", prompt_token_ids),
+        ("stop_token_ids", params.stop_token_ids),
+        ("logit_bias", [t for t, _ in params.logit_bias]),
+    ):
+        if ids and max(ids) >= vocab_size:
+            raise InvalidRequest(
+                f"Token id {max(ids)} in {param} is outside the vocabulary (ids must be below {vocab_size}).",
+                param=param,
+            )
+    if prompt_len >= max_model_len:
+        raise ContextTooLong(max_model_len, prompt_len, noun=noun)
+    room = max_model_len - prompt_len
+    if params.max_tokens > room:
+        if max_tokens_given:
+            raise ContextTooLong(max_model_len, prompt_len, params.max_tokens, noun=noun)
+        params = replace(params, max_tokens=room)
+    if params.min_tokens > params.max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens}).",
+            param="min_tokens",
+        )
+    return params
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+
+class _Response(BaseModel):
+    """Omits None fields, as OpenAI does, except the ones OpenAI sends as null (_keep_null)."""
+
+    _keep_null: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        keep = self._keep_null
+        return {k: v for k, v in data.items() if v is not None or k in keep}
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
+        details = None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=details,
+        )
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    """A choice of a completion, and of a completion stream chunk (same shape in OpenAI's API)."""
+
+    _keep_null = frozenset({"logprobs", "finish_reason"})
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReasonLiteral | None = None
+
+
+class CompletionResponse(_Response):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # only on the last chunk, with stream_options.include_usage
+
+
+class ChatLogprobTop(_Response):
+    _keep_null = frozenset({"bytes"})
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprob(ChatLogprobTop):
+    top_logprobs: list[ChatLogprobTop] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(_Response):
+    _keep_null = frozenset({"content"})
+    content: list[ChatLogprob] | None = None
+
+
+class ChatMessage(_Response):
+    _keep_null = frozenset({"content"})
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(_Response):
+    _keep_null = frozenset({"logprobs", "finish_reason"})
+    index: int
+    message: ChatMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReasonLiteral | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatStreamChoice(_Response):
+    _keep_null = frozenset({"logprobs", "finish_reason"})
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: FinishReasonLiteral | None = None
+
+
+class ChatCompletionStreamResponse(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "shardserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+# ---- engine logprobs -> OpenAI shapes -------------------------------------------------------------
+
+
+def safe_logprob(x: float) -> float:
+    return x if math.isfinite(x) else LOGPROB_FLOOR
+
+
+def token_bytes(token: str) -> list[int]:
+    """UTF-8 bytes of a token's text; texts like "bytes:\\xe2\\x80" (a partial character) decode back."""
+    if token.startswith("bytes:") and re.fullmatch(r"(\\x[0-9a-fA-F]{2})+", token[6:]):
+        return list(bytes.fromhex(token[6:].replace("\\x", "")))
+    return list(token.encode("utf-8"))
+
+
+def completion_logprobs(logprobs: Sequence[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
+    """The completions API's parallel lists; text_offset counts characters from start_offset."""
+    out = CompletionLogprobs()
+    offset = start_offset
+    for lp in logprobs:
+        top: dict[str, float] = {}
+        for _, text, value in lp.top:  # distinct ids may share a text: keep the likelier
+            top[text] = max(top.get(text, LOGPROB_FLOOR), safe_logprob(value))
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(safe_logprob(lp.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+    return out
+
+
+def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
+    return ChatChoiceLogprobs(
+        content=[
+            ChatLogprob(
+                token=lp.token,
+                logprob=safe_logprob(lp.logprob),
+                bytes=token_bytes(lp.token),
+                top_logprobs=[
+                    ChatLogprobTop(token=t, logprob=safe_logprob(v), bytes=token_bytes(t))
+                    for _, t, v in lp.top
+                ],
+            )
+            for lp in logprobs
+        ]
+    )

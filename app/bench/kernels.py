@@ -1,0 +1,164 @@
+"""`shardserve bench kernels`: linear kernels at the model's shapes, all-reduce, decode steps.
+
+Three tables, all measured in one run so their ratios are comparable on a noisy machine:
+1. every linear layer of one decode step (30 layers x qkv/o/gate_up/down + lm_head, distinct
+   weights so nothing stays in cache) per weight format and batch size;
+2. the all-reduce of one hidden vector between two rank processes, shared memory vs gloo;
+3. a full decode step through the worker pool (TP x dtype x batch), KV context 128 tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
+from app.layers.quant import Int8WeightOnlyCPU, WeightFormat, weight_format
+from app.model.loader import read_config
+from app.model.registry_names import ensure_model
+from app.settings import Settings
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+class Int8DequantFP32(Int8WeightOnlyCPU):
+    """Candidate: int8 storage, dequantized to fp32 per call, then sgemm (wins at large M?)."""
+
+    name = "int8→fp32 sgemm"
+
+    def matmul(self, bufs, x):  # type: ignore[no-untyped-def]
+        w = bufs["qweight"].float() * bufs["scales"].float()[:, None]
+        return torch.nn.functional.linear(x, w)
+
+
+def _median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def linear_table(config, batches: list[int], repeat: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * i, h), (h, i)]
+    formats: list[WeightFormat] = [
+        weight_format("fp32"), weight_format("bf16"), weight_format("int8"), Int8DequantFP32(),
+    ]  # fmt: skip
+    rows = []
+    for fmt in formats:
+        layers = []
+        for out_f, in_f in shapes * config.num_layers + [(config.vocab_size, h)]:
+            bufs = {n: torch.empty(s, dtype=d) for n, (s, d) in fmt.specs(out_f, in_f).items()}
+            fmt.store(bufs, 0, torch.randn(out_f, in_f) * 0.02)
+            layers.append((bufs, in_f))
+        for m in batches:
+            xs = {k: torch.randn(m, k) for k in {in_f for _, in_f in layers}}
+
+            def step(layers=layers, xs=xs, fmt=fmt) -> None:
+                for bufs, in_f in layers:
+                    fmt.matmul(bufs, xs[in_f])
+
+            ms = _median_ms(step, repeat)
+            rows.append({"format": fmt.name, "batch": m, "ms": ms, "tok_s": m / ms * 1000})
+        del layers
+    return rows
+
+
+def decode_step_table(
+    model_path: Path, tps: list[int], dtypes: list[str], batches: list[int], repeat: int
+) -> list[dict]:
+    from app.worker.pool import PoolConfig, WorkerPool
+
+    ctx, bs = 128, 16
+    rows = []
+    for tp in tps:
+        for dtype in dtypes:
+            blocks_per_seq = ctx // bs + 1
+            pool = WorkerPool(
+                PoolConfig(model_path, dtype, tp, num_blocks=max(batches) * blocks_per_seq, block_size=bs,
+                           max_num_batched_tokens=max(ctx, max(batches)))
+            )  # fmt: skip
+            pool.start()
+            try:
+                params = SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)
+                for b in batches:
+                    tables = [tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(b)]
+                    new = tuple(SeqSampling(s, params, (1,) * ctx, ()) for s in range(b))
+                    # prefill each sequence's context once, then time decode steps
+                    for s in range(b):
+                        pool.execute(
+                            StepPlan(0, (SeqChunk(s, (7,) * ctx, 0, tables[s], True, 0),), new[s : s + 1])
+                        )
+                    chunks = tuple(SeqChunk(s, (7,), ctx, tables[s], True, 1) for s in range(b))
+                    ms = _median_ms(
+                        lambda chunks=chunks, pool=pool: pool.execute(StepPlan(1, chunks)), repeat
+                    )
+                    rows.append({"tp": tp, "dtype": dtype, "batch": b, "ms": ms, "tok_s": b / ms * 1000})
+                    pool.execute(StepPlan(2, (), finished_seq_ids=tuple(range(b))))
+            finally:
+                pool.shutdown()
+    return rows
+
+
+def _md(rows: list[dict], cols: list[str]) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardserve bench kernels")
+    p.add_argument("--model", default=Settings().model)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"])
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--skip-steps", action="store_true", help="only kernels and all-reduce")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    model_path = ensure_model(args.model, Settings().home)
+    config = read_config(model_path)
+    print(f"## shardserve bench kernels\n\nmachine: {machine()}\nmodel: {model_path.name}\n")
+    report: dict = {"machine": machine(), "model": model_path.name}
+    report["linear"] = linear_table(config, args.batches, args.repeat)
+    print("### All linear layers of one decode step\n")
+    print(_md(report["linear"], ["format", "batch", "ms", "tok_s"]) + "\n")
+
+    from app.worker.comm_bench import bench_allreduce
+
+    ar = bench_allreduce(2, config.hidden_size, 1000)
+    report["allreduce"] = ar
+    print(f"### All-reduce of {config.hidden_size} fp32 between 2 ranks (µs)\n")
+    print("| backend | median | p90 |\n|---|---|---|")
+    for name in ("shm", "gloo"):
+        print(f"| {name} | {ar[name]['median_us']:.1f} | {ar[name]['p90_us']:.1f} |")
+    print()
+    if not args.skip_steps:
+        report["decode_step"] = decode_step_table(model_path, args.tp, args.dtypes, args.batches, args.repeat)
+        print("### Decode step through the worker pool (context 128)\n")
+        print(_md(report["decode_step"], ["tp", "dtype", "batch", "ms", "tok_s"]) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0

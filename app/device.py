@@ -1,0 +1,132 @@
+"""cpu | cuda: the one place (with the quant kernels) that knows which device we run on.
+
+Everything else asks a `Device` for its backend, buffers and hints, so the model, loader and
+communicator stay device-blind. Every `torch.cuda` call sits behind `kind == "cuda"`: on the
+CPU-only wheel `torch.cuda.*` raises, and `pin_memory` is a silent no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+PAGE_BYTES = 4096  # arena alignment on CPU: page-aligned views mmap/madvise and SIMD loads like it
+
+DeviceKind = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device kind; `index` is the CUDA ordinal fixed by `resolve` (None on CPU)."""
+
+    kind: DeviceKind
+    index: int | None = None
+
+    @classmethod
+    def resolve(cls, name: str = "auto", rank: int = 0) -> Device:
+        """ "auto" picks CUDA when available; a bare "cuda" gives rank r the GPU r mod count.
+
+        `rank` is the rank's index on its own machine (local rank), since GPUs are per host.
+        """
+        name = name.strip().lower()
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            return cls("cpu")
+        if name == "cuda" or name.startswith("cuda:"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {name!r} requested but CUDA is not available")
+            count = torch.cuda.device_count()
+            index = int(name.split(":", 1)[1]) if ":" in name else rank % count
+            if not 0 <= index < count:
+                raise ValueError(f"device {name!r}: only {count} CUDA device(s)")
+            return cls("cuda", index)
+        raise ValueError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:N)")
+
+    def torch_device(self, rank: int | None = None) -> torch.device:
+        """This rank's torch.device; `rank` overrides the resolved index (GPU rank mod count)."""
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        index = self.index if rank is None else rank % torch.cuda.device_count()
+        return torch.device("cuda", index)
+
+    @property
+    def dist_backend(self) -> str:
+        return "nccl" if self.kind == "cuda" else "gloo"
+
+    @property
+    def pin_memory_supported(self) -> bool:
+        return self.kind == "cuda"
+
+    @property
+    def int8_backend(self) -> str:
+        # Measured: bitsandbytes on CPU is ~9x slower than fp32; torch's int8 weight-only
+        # kernel (_weight_int8pack_mm) is the fast CPU path and has no CUDA counterpart we use.
+        return "bitsandbytes" if self.kind == "cuda" else "torch_int8pack"
+
+    @property
+    def best_compute_dtype(self) -> torch.dtype:
+        """Activation dtype for fp weights: this CPU has no fast 16-bit matmul (0.3 GFLOP/s)."""
+        if self.kind == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+    @property
+    def int8_activation_dtype(self) -> torch.dtype:
+        """Activations fed to the int8 kernel: _weight_int8pack_mm is 20x faster with bf16 than fp32."""
+        return torch.float16 if self.kind == "cuda" else torch.bfloat16
+
+    @property
+    def auto_weight_dtype(self) -> str:
+        """What `--dtype auto` means here: the fastest dtype measured for this device kind."""
+        return "bf16" if self.kind == "cuda" else "int8"
+
+    def alloc_arena(self, nbytes: int) -> torch.Tensor:
+        """One uint8 buffer for a rank's whole weight shard; page-aligned on CPU."""
+        if self.kind == "cuda":
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device())
+        # torch's CPU allocator only promises 64-byte alignment: over-allocate and slice.
+        raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE_BYTES
+        return raw[start : start + nbytes]
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """Host buffer the loader fills before copy_to_arena; pinned on CUDA so copies overlap."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory_supported)
+
+    def copy_to_arena(self, dst_view: torch.Tensor, src_cpu_tensor: torch.Tensor) -> None:
+        """Copy a host tensor into a typed view of the arena; conversion must happen before."""
+        if dst_view.dtype != src_cpu_tensor.dtype or dst_view.shape != src_cpu_tensor.shape:
+            raise ValueError(
+                f"arena view {tuple(dst_view.shape)} {dst_view.dtype} != "
+                f"source {tuple(src_cpu_tensor.shape)} {src_cpu_tensor.dtype}"
+            )
+        # Non-blocking is only safe from pinned memory; the caller synchronizes before reusing it.
+        non_blocking = self.kind == "cuda" and src_cpu_tensor.is_pinned()
+        dst_view.copy_(src_cpu_tensor, non_blocking=non_blocking)
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.torch_device())
+
+    def free_memory_bytes(self) -> int:
+        """Memory a new allocation can use now: MemAvailable on CPU, free device memory on CUDA."""
+        if self.kind == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.torch_device())
+            return int(free)
+        return _host_available_bytes()
+
+
+def _host_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    # Not Linux (or a very old kernel): free pages undercount reclaimable cache, but never lie high.
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,161 @@
+"""Plain, frozen types that cross a boundary: HTTP -> engine -> ranks -> engine -> HTTP.
+
+Nothing here holds a tensor: these values are pickled to rank processes and put on asyncio
+queues, so they stay small, immutable and torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    """Why a choice ended; the first five reach HTTP clients, ABORT only the metrics."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    TOOL_CALLS = "tool_calls"  # a parsed tool call (set by the API layer, never by the engine)
+    TIMEOUT = "timeout"  # the request's deadline passed; partial output is kept
+    ERROR = "error"  # the ranks failed mid-request
+    ABORT = "abort"  # the client went away; nobody is listening
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling, validated by the API before it reaches the engine."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0  # in [0, 1]
+    repetition_penalty: float = 1.0  # > 0; 1 disables (applies to prompt and output tokens)
+    presence_penalty: float = 0.0  # [-2, 2], OpenAI semantics (output tokens only)
+    frequency_penalty: float = 0.0  # [-2, 2], OpenAI semantics (output tokens only)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids already checked
+    seed: int | None = None  # a seeded choice samples the same tokens whatever its batch neighbours
+    n: int = 1  # independent choices sharing one prompt
+    max_tokens: int = 16  # already clipped to the context by the API
+    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens exist
+    stop: tuple[str, ...] = ()  # stop strings, never emitted unless include_stop_str_in_output
+    stop_token_ids: tuple[int, ...] = ()  # extra end ids besides the model's
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled one plus k top alternatives
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One API request, immutable once made; the engine turns it into n Sequences."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    arrival_time: float  # time.monotonic() when the API accepted it
+    priority: int = 0  # lower runs first; FCFS within a priority
+    deadline: float | None = None  # time.monotonic() after which it ends with TIMEOUT
+
+
+# ---- engine -> ranks ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeqSampling:
+    """What rank 0 needs to sample for a sequence; sent once, when the sequence first runs."""
+
+    seq_id: int
+    params: SamplingParams
+    prompt_token_ids: tuple[int, ...]  # for the repetition penalty
+    eos_token_ids: tuple[int, ...]  # masked while fewer than min_tokens exist (unless ignore_eos)
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a step: a prefill chunk or the single decode token."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]  # the tokens computed this step
+    start_pos: int  # position of token_ids[0]; the KV cache already holds positions [0, start_pos)
+    block_table: tuple[int, ...]  # KV blocks covering positions [0, start_pos + len(token_ids))
+    sample: bool  # sample a token after this chunk (False for all but the last prefill chunk)
+    num_output_tokens: int = 0  # tokens generated so far: the seeded generator's step index
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the ranks compute in one forward; made by the scheduler each step."""
+
+    step_id: int
+    chunks: tuple[SeqChunk, ...]
+    new_seqs: tuple[SeqSampling, ...] = ()  # sequences whose sampling state rank 0 must create
+    finished_seq_ids: tuple[int, ...] = ()  # sampling state rank 0 may drop
+    copy_blocks: tuple[tuple[int, int], ...] = ()  # (src, dst) KV block copies before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+# ---- ranks -> engine ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq_id: int
+    token_id: int
+    logprob: float | None = None  # log-probability of token_id under the processed distribution
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the k most likely (id, logprob)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Rank 0's answer to a StepPlan: one token for every chunk with sample=True."""
+
+    step_id: int
+    tokens: tuple[SampledToken, ...]
+    error: str | None = None  # a rank failed this step; every sequence in it ends with ERROR
+
+
+# ---- engine -> API -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's text (bytes shown as in OpenAI's API when not valid UTF-8)
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A delta for one choice of a request, put on that request's queue by engine/output.py."""
+
+    request_id: str
+    index: int  # which of the n choices
+    text: str  # new text since the previous output of this choice (UTF-8 complete, stop-safe)
+    token_ids: tuple[int, ...]  # new token ids since the previous output
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far for this choice
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # with finish_reason ERROR: what failed
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics and /ready, made by the engine thread."""
+
+    running: int = 0
+    waiting: int = 0
+    queued_tokens: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_cached: int = 0
+    extra: dict[str, float] = field(default_factory=dict)

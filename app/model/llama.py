@@ -1,0 +1,157 @@
+"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window), built from app/layers.
+
+The model is plain: tensor parallelism and quantization enter only through the layers it is
+built from (sharded linears, weight formats) and the communicator passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from app.layers.attention import AttentionMetadata, paged_attention
+from app.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from app.layers.linear import ColumnParallelLinear, Reader, RowParallelLinear, Shard
+from app.layers.norm import RMSNorm
+from app.layers.parallel import Comm, TPContext, head_split
+from app.layers.quant import WeightFormat
+from app.layers.rotary import RotaryEmbedding
+from app.model.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat, rope: RotaryEmbedding):
+        super().__init__()
+        hs = head_split(cfg.num_heads, cfg.num_kv_heads, tp.world_size)[tp.rank]
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = hs.q_count, hs.kv_count, d
+        self.scale = d**-0.5
+        self.rope = rope
+        q0, kv0 = hs.q_start * d, hs.kv_start * d
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size,
+            [
+                Shard("q", q0, q0 + hs.q_count * d),
+                Shard("k", kv0, kv0 + hs.kv_count * d),
+                Shard("v", kv0, kv0 + hs.kv_count * d),
+            ],
+            fmt,
+            bias=cfg.attention_bias,
+        )
+        self.o_proj = RowParallelLinear(
+            (q0, q0 + hs.q_count * d), cfg.hidden_size, fmt, comm, cfg.attention_bias
+        )
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes(), dim=-1)
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rope(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat):
+        super().__init__()
+        i0, i1 = tp.split(cfg.intermediate_size)
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [Shard("gate", i0, i1), Shard("up", i0, i1)], fmt, bias=cfg.mlp_bias
+        )
+        self.down_proj = RowParallelLinear((i0, i1), cfg.hidden_size, fmt, comm, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat, rope: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, tp, comm, fmt, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, tp, comm, fmt)
+
+    def forward(self, positions, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat):
+        super().__init__()
+        self.config = cfg
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, tp, comm, fmt, rope) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head_table = None
+            self.lm_head = ParallelLMHead(self.embed_tokens, comm)
+        else:
+            self.lm_head_table = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
+            self.lm_head = ParallelLMHead(self.lm_head_table, comm)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] for a flat ragged batch."""
+        x = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches, strict=False):
+            x = layer(positions, x, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv heads on this rank, head dim): one cache slot's shape per layer."""
+        attn = self.layers[0].self_attn
+        return attn.num_kv_heads, attn.head_dim
+
+    def weight_loaders(self) -> dict[str, Callable[[Reader], None]]:
+        """Checkpoint tensor name (Hugging Face naming) -> the loader that takes this rank's slice."""
+        loaders: dict[str, Callable[[Reader], None]] = {
+            "model.embed_tokens.weight": self.embed_tokens.load,
+            "model.norm.weight": self.norm.load,
+        }
+        if self.lm_head_table is not None:
+            loaders["lm_head.weight"] = self.lm_head_table.load
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            loaders[p + "input_layernorm.weight"] = layer.input_layernorm.load
+            loaders[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.load
+            for kind in ("weight", "bias") if self.config.attention_bias else ("weight",):
+                is_bias = kind == "bias"
+                for s in ("q", "k", "v"):
+                    loaders[f"{p}self_attn.{s}_proj.{kind}"] = _shard_loader(attn.qkv_proj, s, is_bias)
+                loaders[f"{p}self_attn.o_proj.{kind}"] = _row_loader(attn.o_proj, is_bias)
+            for kind in ("weight", "bias") if self.config.mlp_bias else ("weight",):
+                is_bias = kind == "bias"
+                for s in ("gate", "up"):
+                    loaders[f"{p}mlp.{s}_proj.{kind}"] = _shard_loader(mlp.gate_up_proj, s, is_bias)
+                loaders[f"{p}mlp.down_proj.{kind}"] = _row_loader(mlp.down_proj, is_bias)
+        return loaders
+
+
+def _shard_loader(layer: ColumnParallelLinear, shard: str, is_bias: bool) -> Callable[[Reader], None]:
+    return lambda read: layer.load(shard, read, is_bias)
+
+
+def _row_loader(layer: RowParallelLinear, is_bias: bool) -> Callable[[Reader], None]:
+    return lambda read: layer.load(read, is_bias)

@@ -1,0 +1,88 @@
+"""Build a rank's model on the meta device, lay it out in one arena, stream its slices into it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.layers.parallel import Comm, ShardingError, TPContext, head_split
+from app.layers.quant import weight_format
+from app.layers.rotary import RopeScalingError
+from app.model.arena import pack_into_arena
+from app.model.checkpoint import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
+from app.model.config import ModelConfig, config_from_gguf, config_from_hf
+from app.model.errors import ModelLoadError
+from app.model.gguf_file import read_gguf
+from app.model.registry import model_class
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    arena: torch.Tensor  # uint8, every weight of this rank is a view into it
+    load_seconds: float
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.arena.numel()
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model's config from metadata alone (no tensor data is read)."""
+    if path.is_file():
+        gf = read_gguf(path)
+        return config_from_gguf(gf.fields, set(gf.tensors), path)
+    if path.is_dir():
+        return config_from_hf(path)
+    raise ModelLoadError(f"{path}: no such file or directory")
+
+
+def open_checkpoint(path: Path, config: ModelConfig) -> Checkpoint:
+    if path.is_file():
+        return GGUFCheckpoint(read_gguf(path), {"q": config.num_heads, "k": config.num_kv_heads})
+    return SafetensorsCheckpoint(path)
+
+
+def default_alloc(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def load_model(
+    path: Path,
+    dtype: str,
+    tp: TPContext,
+    comm: Comm,
+    *,
+    device_kind: str = "cpu",
+    alloc: Callable[[int], torch.Tensor] = default_alloc,
+) -> LoadedModel:
+    t0 = time.perf_counter()
+    config = read_config(path)
+    try:
+        head_split(config.num_heads, config.num_kv_heads, tp.world_size)
+    except ShardingError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    fmt = weight_format(dtype, device_kind)
+    try:
+        model = model_class(config.architecture)(config, tp, comm, fmt)
+    except RopeScalingError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    arena = pack_into_arena(model, alloc)
+    ckpt = open_checkpoint(path, config)
+    loaders = model.weight_loaders()
+    available = set(ckpt.names())
+    missing = sorted(set(loaders) - available)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ModelLoadError(f"{path}: missing weights {', '.join(missing[:3])}{more}")
+    with torch.no_grad():
+        for name in sorted(loaders):  # file order does not matter: each loader writes its own view
+            loaders[name](ckpt.reader(name))
+    ckpt.close()
+    return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0)

@@ -1,0 +1,157 @@
+"""Wire one serving stack from Settings: model file, tokenizer, worker pool, engine.
+
+Shared by `serve`, `generate` and `bench engine`, so all three run the same code path."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.detokenizer import IncrementalDetokenizer
+from app.device import Device
+from app.engine.engine import Engine, EngineHooks, StepStats
+from app.engine.scheduler import SchedulerConfig
+from app.engine.types import RequestOutput
+from app.model.config import ModelConfig
+from app.model.loader import read_config
+from app.model.memory import kv_blocks_for_budget
+from app.model.registry_names import ensure_model
+from app.settings import Settings
+from app.tokenizer import Tokenizer
+from app.worker.pool import PoolConfig, RankFailure, WorkerPool
+from app.worker.worker import RankReady
+
+log = logging.getLogger("shardserve")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model_path: Path
+    model_name: str
+    config: ModelConfig
+    tokenizer: Tokenizer
+    dtype: str
+    max_model_len: int
+    num_blocks: int
+    pool: WorkerPool
+    engine: Engine
+    ranks: list[RankReady] = field(default_factory=list)
+    restarts: int = 0
+    max_restarts: int = 3
+    ready: bool = False
+
+    def start(self) -> None:
+        self.ranks = self.pool.start()
+        self.engine.start()
+        self.ready = True
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.engine.stop()
+        self.pool.shutdown()
+
+    def restart_pool(self, reason: str) -> bool:
+        """The engine's failure hook: restart the ranks with back-off, a bounded number of times."""
+        self.ready = False
+        self.pool.shutdown(timeout=2.0)
+        while self.restarts < self.max_restarts:
+            self.restarts += 1
+            time.sleep(min(8.0, 0.5 * 2 ** (self.restarts - 1)))
+            try:
+                self.ranks = self.pool.start()
+            except RankFailure as e:
+                log.error("pool restart %d failed: %s", self.restarts, e)
+                continue
+            log.warning("worker pool restarted after: %s", reason)
+            self.ready = True
+            return True
+        return False
+
+
+def _max_model_len(settings: Settings, config: ModelConfig) -> int:
+    limit = config.max_position_embeddings
+    if settings.max_model_len is not None:
+        if settings.max_model_len > limit:
+            raise ValueError(
+                f"--max-model-len {settings.max_model_len} exceeds the model's context of {limit}"
+            )
+        return settings.max_model_len
+    return limit
+
+
+def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, device: Device) -> int:
+    bs = settings.block_size
+    if settings.kv_cache_tokens is not None:
+        return -(-settings.kv_cache_tokens // bs)
+    budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
+    fits = kv_blocks_for_budget(config, settings.tp, bs, budget)
+    useful = settings.max_num_seqs * -(-max_model_len // bs)  # more than every seat at full context is waste
+    blocks = min(fits, useful)
+    if blocks * bs < max_model_len:
+        raise ValueError(
+            f"the KV cache fits only {blocks * bs} tokens in {budget / 2**20:.0f} MiB, less than one "
+            f"sequence of {max_model_len}; lower --max-model-len or raise --kv-cache-tokens"
+        )
+    return blocks
+
+
+def build_runtime(
+    settings: Settings,
+    on_outputs: Callable[[list[RequestOutput]], None],
+    on_step: Callable[[StepStats], None] = lambda s: None,
+) -> Runtime:
+    model_path = ensure_model(settings.model, settings.home)
+    config = read_config(model_path)
+    tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    device = Device.resolve(settings.device)
+    dtype = device.auto_weight_dtype if settings.dtype == "auto" else settings.dtype
+    max_model_len = _max_model_len(settings, config)
+    num_blocks = _num_blocks(settings, config, max_model_len, device)
+    pool = WorkerPool(
+        PoolConfig(
+            model_path=model_path,
+            dtype=dtype,
+            tp=settings.tp,
+            num_blocks=num_blocks,
+            block_size=settings.block_size,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            device=device.kind,
+            seed=settings.seed,
+            dist_init=settings.dist_init,
+            step_timeout=settings.step_timeout,
+            death_timeout=settings.rank_death_timeout,
+        )
+    )
+    sched = SchedulerConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
+        max_model_len=max_model_len,
+        block_size=settings.block_size,
+    )
+    name = settings.served_model_name or (settings.model if "/" not in settings.model else model_path.stem)
+    runtime = Runtime(
+        settings,
+        model_path,
+        name,
+        config,
+        tokenizer,
+        dtype,
+        max_model_len,
+        num_blocks,
+        pool,
+        engine=None,  # type: ignore[arg-type]
+    )
+    runtime.engine = Engine(
+        executor=pool,
+        config=sched,
+        num_blocks=num_blocks,
+        tokenizer=tokenizer,
+        detokenizer_factory=IncrementalDetokenizer,
+        hooks=EngineHooks(on_outputs=on_outputs, on_step=on_step, on_failure=runtime.restart_pool),
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
+    return runtime

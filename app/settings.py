@@ -1,0 +1,79 @@
+"""The one settings object: every option is a CLI flag and a SHARDSERVE_<NAME> variable.
+
+Built once at start-up (CLI values override the environment, which overrides the defaults) and
+passed down; nothing reads the environment anywhere else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_home() -> Path:
+    return Path(os.path.expanduser("~/.cache/shardserve"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARDSERVE_", extra="ignore", protected_namespaces=())
+
+    home: Path = Field(default_factory=default_home, description="model cache directory")
+    model: str = Field(DEFAULT_MODEL, description="built-in name, .gguf file or Hugging Face directory")
+    served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
+    dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
+    tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (processes)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="sequences computed together in one step")
+    max_num_batched_tokens: int = Field(512, ge=16, description="tokens per step (prefill chunks + decodes)")
+    kv_cache_tokens: int | None = Field(
+        None, ge=16, description="KV cache size in tokens (default: sized from memory)"
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.25, gt=0, le=0.95, description="share of free memory for the KV cache"
+    )
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV block")
+    enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prompt prefixes")
+    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's)")
+    max_queued_requests: int = Field(256, ge=1, description="waiting requests before 429")
+    max_queued_tokens: int = Field(1_000_000, ge=1, description="waiting prompt tokens before 429")
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys")
+    api_key_file: Path | None = Field(None, description="file with one API key per line")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
+    step_timeout: float = Field(60.0, gt=0, description="a step slower than this counts as a hung rank")
+    rank_death_timeout: float = Field(2.0, gt=0, description="seconds to notice a dead rank")
+    request_timeout: float | None = Field(None, gt=0, description="server maximum per-request deadline (s)")
+    dist_init: str | None = Field(
+        None, description="rendezvous address tcp://HOST:PORT for ranks on other machines"
+    )
+    chat_template: str | None = Field(None, description="chat template file overriding the model's")
+    seed: int = Field(0, description="seed of unseeded sampling")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
+
+    @field_validator("api_key", "allowed_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.api_key_file is not None:
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"--api-key-file {self.api_key_file}: {e.strerror}") from None
+            self.api_key = [*self.api_key, *(k.strip() for k in lines if k.strip())]
+        return self

@@ -1,0 +1,88 @@
+"""StepPlan -> tensors and attention metadata -> one forward -> sampled tokens (rank 0).
+
+The runner owns this rank's model and KV cache. Every rank runs the same forward (the
+collectives inside it need all of them); only the driver rank (0) samples and answers."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.types import SampledToken, StepOutput, StepPlan
+from app.layers.attention import build_spans
+from app.model.loader import LoadedModel
+from app.worker.sampler import Sampler
+
+
+def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of K and V one token occupies on this rank, over all layers."""
+    kv_heads, head_dim = loaded.model.kv_shape()
+    return 2 * loaded.config.num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        num_blocks: int,
+        block_size: int,
+        is_driver: bool,
+        seed: int = 0,
+        kv_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.loaded, self.model = loaded, loaded.model
+        self.block_size, self.num_blocks = block_size, num_blocks
+        kv_heads, head_dim = self.model.kv_shape()
+        slots = num_blocks * block_size
+        # One allocation for all layers: [layers, 2, slots, kv_heads, head_dim].
+        self.kv_storage = torch.zeros(loaded.config.num_layers, 2, slots, kv_heads, head_dim, dtype=kv_dtype)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_storage]
+        self.sampler = Sampler(loaded.config.vocab_size, seed) if is_driver else None
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_storage.numel() * self.kv_storage.element_size()
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput | None:
+        if self.sampler is not None:
+            for seq in plan.new_seqs:
+                self.sampler.add(seq)
+        for src, dst in plan.copy_blocks:
+            b = self.block_size
+            self.kv_storage[:, :, dst * b : (dst + 1) * b] = self.kv_storage[:, :, src * b : (src + 1) * b]
+        result = StepOutput(plan.step_id, ()) if self.sampler is not None else None
+        if plan.chunks:
+            result = self._forward(plan)
+        if self.sampler is not None:
+            for seq_id in plan.finished_seq_ids:
+                self.sampler.drop(seq_id)
+        return result
+
+    def _forward(self, plan: StepPlan) -> StepOutput | None:
+        ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        for c in plan.chunks:
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
+            if c.sample:
+                sample_rows.append(len(ids) - 1)
+        meta = build_spans(
+            [len(c.token_ids) for c in plan.chunks],
+            [c.start_pos + len(c.token_ids) for c in plan.chunks],
+            [c.block_table for c in plan.chunks],
+            self.block_size,
+        )
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
+        if not sample_rows:
+            return StepOutput(plan.step_id, ()) if self.sampler is not None else None
+        # The LM head's all-gather is a collective: every rank computes logits for the same rows.
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        if self.sampler is None:
+            return None
+        sampling = [c for c in plan.chunks if c.sample]
+        tokens: list[SampledToken] = self.sampler.sample(
+            logits, [c.seq_id for c in sampling], [c.num_output_tokens for c in sampling]
+        )
+        return StepOutput(plan.step_id, tuple(tokens))
