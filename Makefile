@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export SHARDSERVE_HOME ?= $(HOME)/.cache/shardserve
 
-.PHONY: install model serve test test-slow bench lint clean
+.PHONY: install model serve test test-slow bench lint clean deploy-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# the CPU wheel of torch lies on disk; a looser spec would download a CUDA build of several GB
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
+	# the playground test drives a real headless Chromium; playwright cannot download one here
+	command -v chromium || (apt-get update && apt-get install -y chromium) || true
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +24,17 @@ model: install
 serve: model
 	$(VENV)/bin/shardserve serve
 
-test: model
+# tests/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
+# kubernetes-validate come with the dev extras, docker-compose and promtool (package prometheus)
+# from Debian. --no-install-recommends keeps the Docker engine and node-exporter out. Failing
+# here is not fatal: those tests then skip, saying which tool is missing.
+deploy-tools: install
+	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	    docker-compose prometheus) || \
+	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/test_deploy.py will skip"
+
+test: model deploy-tools
 	$(VENV)/bin/pytest
 
 test-slow: model
@@ -30,6 +42,7 @@ test-slow: model
 
 bench: model
 	$(VENV)/bin/shardserve bench kernels
+	$(VENV)/bin/shardserve bench engine
 
 lint: install
 	$(VENV)/bin/ruff check app tests

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from app.engine.engine import ExecutorFailure
 from app.settings import Settings
 
 # Settings fields each subcommand takes (serve takes all of them).
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
     _add_settings_options(p, _MODEL_FIELDS)
 
+    p = sub.add_parser("rank", help="run tensor-parallel ranks that join a leader on another machine")
+    p.add_argument(
+        "--rank-offset", type=int, required=True, help="first rank run here (rank 0 is the leader's)"
+    )
+    _add_settings_options(p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home"))
+
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     _add_settings_options(p)
 
@@ -95,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_options(p, ("home", "model", "device", "max_model_len", "max_num_seqs", "block_size"))
 
-    p = sub.add_parser("bench", help="benchmarks: serve, engine, kernels")
-    p.add_argument("target", choices=("serve", "engine", "kernels"))
+    p = sub.add_parser("bench", help="benchmarks: serve, engine, kernels; report (make bench), peers")
+    p.add_argument("target", choices=("serve", "engine", "kernels", "report", "peers"))
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
@@ -125,6 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from app.generate import generate
 
             return generate(settings, ns)
+        if ns.command == "rank":
+            from app.model.registry_names import ensure_model
+            from app.worker.remote import run_remote_ranks
+
+            if settings.dist_init is None:
+                raise ValueError("--dist-init is required: the leader's rendezvous address tcp://HOST:PORT")
+            n = settings.local_ranks or settings.tp - ns.rank_offset
+            # this machine's copy of the model (a built-in name resolves in its own cache)
+            model = ensure_model(settings.model, settings.home) if "model" in vars(ns) else None
+            return run_remote_ranks(
+                settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
+            )
         if ns.command == "serve":
             from app.api.server import serve
 
@@ -139,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_command(ns.target, ns.rest)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError) as e:  # ModelLoadError, TokenizerError, ... are ValueErrors
+    except (ValueError, OSError, ExecutorFailure) as e:  # ModelLoadError, TokenizerError: ValueErrors
         if ns.debug:
             raise
         print(f"shardserve: error: {e}", file=sys.stderr)

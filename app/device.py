@@ -93,20 +93,9 @@ class Device:
         start = -raw.data_ptr() % PAGE_BYTES
         return raw[start : start + nbytes]
 
-    def staging_buffer(self, nbytes: int) -> torch.Tensor:
-        """Host buffer the loader fills before copy_to_arena; pinned on CUDA so copies overlap."""
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory_supported)
-
-    def copy_to_arena(self, dst_view: torch.Tensor, src_cpu_tensor: torch.Tensor) -> None:
-        """Copy a host tensor into a typed view of the arena; conversion must happen before."""
-        if dst_view.dtype != src_cpu_tensor.dtype or dst_view.shape != src_cpu_tensor.shape:
-            raise ValueError(
-                f"arena view {tuple(dst_view.shape)} {dst_view.dtype} != "
-                f"source {tuple(src_cpu_tensor.shape)} {src_cpu_tensor.dtype}"
-            )
-        # Non-blocking is only safe from pinned memory; the caller synchronizes before reusing it.
-        non_blocking = self.kind == "cuda" and src_cpu_tensor.is_pinned()
-        dst_view.copy_(src_cpu_tensor, non_blocking=non_blocking)
+    def uploader(self) -> Uploader:
+        """Moves checkpoint slices (host fp32) to this device while the model loads."""
+        return Uploader(self)
 
     def synchronize(self) -> None:
         if self.kind == "cuda":
@@ -118,6 +107,33 @@ class Device:
             free, _total = torch.cuda.mem_get_info(self.torch_device())
             return int(free)
         return _host_available_bytes()
+
+
+class Uploader:
+    """Host slices -> device tensors. On CUDA every slice goes through one reusable pinned staging
+    buffer with a non-blocking copy, so reading and converting the next slice on the CPU overlaps
+    the transfer; on CPU a slice is already where it belongs and nothing is copied."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self._staging: torch.Tensor | None = None
+        self._event = None
+
+    def upload(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.kind == "cpu":
+            return t
+        nbytes = t.numel() * t.element_size()
+        if self._event is not None:
+            self._event.synchronize()  # the previous copy must be done before the buffer is reused
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        staged = self._staging[:nbytes].view(t.dtype).view(t.shape)
+        staged.copy_(t)
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.device.torch_device())
+        out.copy_(staged, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return out
 
 
 def _host_available_bytes() -> int:

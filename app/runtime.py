@@ -15,6 +15,7 @@ from app.device import Device
 from app.engine.engine import Engine, EngineHooks, StepStats
 from app.engine.scheduler import SchedulerConfig
 from app.engine.types import RequestOutput
+from app.metrics import Metrics
 from app.model.config import ModelConfig
 from app.model.loader import read_config
 from app.model.memory import kv_blocks_for_budget
@@ -43,9 +44,29 @@ class Runtime:
     restarts: int = 0
     max_restarts: int = 3
     ready: bool = False
+    metrics: Metrics | None = None
+
+    def _report_ranks(self, up: bool) -> None:
+        if self.metrics is None:
+            return
+        for r in range(self.settings.tp):
+            self.metrics.rank_up.labels(str(r)).set(1 if up else 0)
+        for r in self.ranks:
+            self.metrics.weight_bytes.labels(str(r.rank)).set(r.weight_bytes)
 
     def start(self) -> None:
         self.ranks = self.pool.start()
+        for r in self.ranks:
+            log.info(
+                "rank %d: weight arena %.1f MiB, KV cache %.1f MiB, loaded in %.2fs, peak RSS %.0f MiB",
+                r.rank, r.weight_bytes / 2**20, r.kv_cache_bytes / 2**20, r.load_seconds, r.peak_rss_bytes / 2**20,
+            )  # fmt: skip
+        log.info(
+            "model %s (%s, tp %d): KV cache %d blocks x %d tokens = %d tokens, context %d",
+            self.model_name, self.dtype, self.settings.tp, self.num_blocks, self.settings.block_size,
+            self.num_blocks * self.settings.block_size, self.max_model_len,
+        )  # fmt: skip
+        self._report_ranks(True)
         self.engine.start()
         self.ready = True
 
@@ -57,9 +78,12 @@ class Runtime:
     def restart_pool(self, reason: str) -> bool:
         """The engine's failure hook: restart the ranks with back-off, a bounded number of times."""
         self.ready = False
+        self._report_ranks(False)
         self.pool.shutdown(timeout=2.0)
         while self.restarts < self.max_restarts:
             self.restarts += 1
+            if self.metrics is not None:
+                self.metrics.pool_restarts.inc()
             time.sleep(min(8.0, 0.5 * 2 ** (self.restarts - 1)))
             try:
                 self.ranks = self.pool.start()
@@ -67,19 +91,21 @@ class Runtime:
                 log.error("pool restart %d failed: %s", self.restarts, e)
                 continue
             log.warning("worker pool restarted after: %s", reason)
+            self._report_ranks(True)
             self.ready = True
             return True
         return False
 
 
 def _max_model_len(settings: Settings, config: ModelConfig) -> int:
-    limit = config.max_position_embeddings
+    # context_limit also caps a sliding-window model at its window: attending past it is wrong
+    limit, why = config.context_limit()
     if settings.max_model_len is not None:
         if settings.max_model_len > limit:
-            raise ValueError(
-                f"--max-model-len {settings.max_model_len} exceeds the model's context of {limit}"
-            )
+            raise ValueError(f"--max-model-len {settings.max_model_len} exceeds {why}")
         return settings.max_model_len
+    if limit < config.max_position_embeddings:
+        log.info("context limited to %d tokens by %s", limit, why)
     return limit
 
 
@@ -103,7 +129,20 @@ def build_runtime(
     settings: Settings,
     on_outputs: Callable[[list[RequestOutput]], None],
     on_step: Callable[[StepStats], None] = lambda s: None,
+    metrics: Metrics | None = None,
 ) -> Runtime:
+    """The stack, not started. With `metrics`, every output and step is observed before delivery."""
+    if metrics is not None:
+        deliver, step_hook = on_outputs, on_step
+
+        def on_outputs(outs: list[RequestOutput]) -> None:
+            metrics.observe_outputs(outs)
+            deliver(outs)
+
+        def on_step(stats: StepStats) -> None:
+            metrics.observe_step(stats)
+            step_hook(stats)
+
     model_path = ensure_model(settings.model, settings.home)
     config = read_config(model_path)
     tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
@@ -122,6 +161,7 @@ def build_runtime(
             device=device.kind,
             seed=settings.seed,
             dist_init=settings.dist_init,
+            local_ranks=settings.local_ranks,
             step_timeout=settings.step_timeout,
             death_timeout=settings.rank_death_timeout,
         )
@@ -145,6 +185,7 @@ def build_runtime(
         pool,
         engine=None,  # type: ignore[arg-type]
     )
+    runtime.metrics = metrics
     runtime.engine = Engine(
         executor=pool,
         config=sched,
@@ -154,4 +195,6 @@ def build_runtime(
         hooks=EngineHooks(on_outputs=on_outputs, on_step=on_step, on_failure=runtime.restart_pool),
         enable_prefix_caching=settings.enable_prefix_caching,
     )
+    if metrics is not None:
+        metrics.bind_engine(runtime.engine.stats)
     return runtime

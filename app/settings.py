@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.model.registry import describe_families  # torch-free: classes are imported on first use
+
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -25,7 +27,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHARDSERVE_", extra="ignore", protected_namespaces=())
 
     home: Path = Field(default_factory=default_home, description="model cache directory")
-    model: str = Field(DEFAULT_MODEL, description="built-in name, .gguf file or Hugging Face directory")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description=f"built-in name, .gguf file or Hugging Face directory; families: {describe_families()}",
+    )
     served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
     dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
     tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (processes)")
@@ -52,6 +57,11 @@ class Settings(BaseSettings):
     step_timeout: float = Field(60.0, gt=0, description="a step slower than this counts as a hung rank")
     rank_death_timeout: float = Field(2.0, gt=0, description="seconds to notice a dead rank")
     request_timeout: float | None = Field(None, gt=0, description="server maximum per-request deadline (s)")
+    local_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="ranks this process starts (default: all); the rest join with `shardserve rank`",
+    )
     dist_init: str | None = Field(
         None, description="rendezvous address tcp://HOST:PORT for ranks on other machines"
     )

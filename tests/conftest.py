@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before torch loads OpenMP: spinning OpenMP threads collapse on a shared, busy machine (see
+# app/worker/pool.py); the tests' own reference computations get the same treatment as the ranks.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 from app.model.registry_names import DEFAULT_MODEL as DEFAULT_MODEL_NAME

@@ -246,12 +246,31 @@ def write_gguf_llama(
             data = llama_permute(data, n_kv)
         t = tensor_qtype(name, data.shape, qtype, embd_qtype)
         w.add_tensor(name, gguf.quants.quantize(data, t), raw_dtype=t)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(head_dim, rope_theta, rope))
 
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def llama3_rope_factors(head_dim: int, base: float, rope: dict[str, Any]) -> np.ndarray:
+    """Llama 3 scaling as convert_hf_to_gguf.py stores it: a divisor per rotary frequency."""
+    factor, low, high = rope["factor"], rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for wavelen in 2 * np.pi / freqs:
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, tok_dir: Path, vocab_size: int, pre: str) -> None:

@@ -156,3 +156,36 @@ def _alive(pid: int) -> bool:
     # a zombie still answers kill(0); it is gone once reaped
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+def test_ranks_on_another_node_join_through_dist_init(model_dir, tp1):
+    """Multi-node TP as remote pods run it: rank 1 is a separate `shardserve rank` process tree,
+    joined through the same --dist-init rendezvous (over loopback); same greedy output as TP=1."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    remote = subprocess.Popen(
+        [sys.executable, "-m", "app", "rank", "--dist-init", url, "--tp", "2", "--rank-offset", "1", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pool = WorkerPool(
+        PoolConfig(model_dir, "fp32", 2, num_blocks=8, block_size=16, max_num_batched_tokens=64,
+                   dist_init=url, local_ranks=1)
+    )  # fmt: skip
+    try:
+        ready = pool.start()
+        assert [r.rank for r in ready] == [0]
+        tokens, _ = _run(pool, PROMPT, STEPS)
+    finally:
+        pool.shutdown()
+        try:
+            code = remote.wait(timeout=30)
+        finally:
+            remote.kill()
+    assert tokens == tp1[0]
+    assert code == 0, remote.stderr.read()

@@ -8,15 +8,20 @@ boundary."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from app.engine.engine import Engine
 from app.engine.types import EngineStats, GenerateRequest, RequestOutput
 
 
 class EngineClient:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine, self.loop = engine, loop
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        on_request: Callable[[GenerateRequest], None] = lambda r: None,
+    ) -> None:
+        self.engine, self.loop, self.on_request = engine, loop, on_request
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
 
     def deliver(self, outputs: list[RequestOutput]) -> None:
@@ -36,6 +41,7 @@ class EngineClient:
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request.request_id] = q
         open_choices = request.sampling.n
+        self.on_request(request)
         self.engine.add_request(request)
         try:
             while open_choices:

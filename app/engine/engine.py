@@ -32,7 +32,7 @@ class Executor(Protocol):
     def check_alive(self) -> str | None: ...
 
 
-class ExecutorFailure(Exception):
+class ExecutorFailure(RuntimeError):
     """Raised by an executor whose ranks failed; the engine ends in-flight work with ERROR."""
 
 
@@ -167,10 +167,12 @@ class Engine:
 
     def step(self) -> None:
         outs: list[RequestOutput] = self._expire(time.monotonic())
+        plan = self.scheduler.schedule()
+        # Drained after schedule(), which is where sequences are found unschedulable: before it, their
+        # ends waited for the next step, and an idle engine only steps again after idle_poll.
         for seq in self.scheduler.drain_unschedulable():
             outs.append(self.outputs.finish_early(seq, FinishReason.LENGTH))
             self._seqs.pop(seq.seq_id, None)
-        plan = self.scheduler.schedule()
         if plan is not None:
             t0 = time.perf_counter()
             try:

@@ -60,8 +60,11 @@ class OutputProcessor:
         """Append one sampled token to `seq` and say what the client sees; sets seq.finish_reason."""
         p = seq.sampling
         st = self._stream(seq)
+        queue_time = None
         if st.first_token_time is None:
             st.first_token_time = now if now is not None else time.monotonic()
+            if seq.first_scheduled_time is not None:
+                queue_time = seq.first_scheduled_time - seq.arrival_time
         seq.append_token(tok.token_id)
         n_out = seq.num_output_tokens
         reason: FinishReason | None = None
@@ -113,6 +116,7 @@ class OutputProcessor:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=n_out,
             cached_tokens=seq.num_cached_tokens,
+            queue_time=queue_time,
         )
 
     def finish_early(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:

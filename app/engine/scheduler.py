@@ -11,6 +11,7 @@ between steps, so freeing blocks (finish, abort, preemption) never races a forwa
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from app.engine.block_manager import BlockManager
@@ -160,6 +161,8 @@ class Scheduler:
             if first_time:
                 seq.num_cached_tokens = cached
             seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             chunks.append(self._plan_chunk(seq, n, new_seqs))
             budget -= n

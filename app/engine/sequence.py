@@ -7,7 +7,7 @@ link between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from app.engine.types import FinishReason, GenerateRequest, SamplingParams
@@ -55,16 +55,22 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     sent_to_ranks: bool = False  # rank 0 holds its SeqSampling (sent with the first plan it is in)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.monotonic() of first admission (queue time)
     finish_reason: FinishReason | None = None  # set by the engine's output loop
 
     @classmethod
     def from_request(cls, req: GenerateRequest, index: int, seq_id: int) -> Sequence:
+        sampling = req.sampling
+        if sampling.seed is not None and index:
+            # Each choice draws its own stream, or the n choices of a seeded request would be n
+            # copies; seed + index as vLLM does, so choice 0 matches the same request with n = 1.
+            sampling = replace(sampling, seed=sampling.seed + index)
         return cls(
             seq_id=seq_id,
             request_id=req.request_id,
             index=index,
             prompt_token_ids=tuple(req.prompt_token_ids),
-            sampling=req.sampling,
+            sampling=sampling,
             arrival_time=req.arrival_time,
             priority=req.priority,
             deadline=req.deadline,

@@ -146,6 +146,7 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far for this choice
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # with finish_reason ERROR: what failed
+    queue_time: float | None = None  # on a choice's first token: arrival to its first scheduled step
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ logits (head), both small next to it."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from app.layers.linear import QuantLinear, Reader
+from app.layers.linear import QuantLinear, Reader, meta_buffer
 from app.layers.parallel import Comm, TPContext
 from app.layers.quant import WeightFormat
 
@@ -42,3 +43,18 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.comm.all_gather_last_dim(self.table.linear(h))
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions (GPT-2's wpe), replicated on every rank and kept in fp32: a small
+    table (0.6% of GPT-2 small) whose rows add straight into the residual stream."""
+
+    def __init__(self, max_positions: int, hidden: int) -> None:
+        super().__init__()
+        meta_buffer(self, "weight", (max_positions, hidden), torch.float32)
+
+    def load(self, read: Reader) -> None:
+        self.weight.copy_(read(None, None))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.weight)

@@ -86,7 +86,9 @@ class SafetensorsCheckpoint(Checkpoint):
 
 
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_GGUF_LAYER_NAMES = {
+_GGUF_TOP_NAME = re.compile(r"(\w+)\.(weight|bias)$")
+# GGUF names per llama.cpp architecture -> Hugging Face names (layer parts, then top-level ones).
+_LLAMA_LAYER = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -97,44 +99,101 @@ _GGUF_LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_TOP = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
 }
+_GPT2_TOP = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
+}
+_GGUF_NAMES = {  # general.architecture -> (layer map, layer prefix, top-level map)
+    "llama": (_LLAMA_LAYER, "model.layers", _LLAMA_TOP),
+    "qwen2": (_LLAMA_LAYER, "model.layers", _LLAMA_TOP),
+    "gpt2": (_GPT2_LAYER, "transformer.h", _GPT2_TOP),
+}
+# llama.cpp stores these as Linear weights [out, in]; Hugging Face's GPT-2 keeps Conv1D [in, out].
+_GGUF_CONV1D = {"gpt2": {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}}
+# Architectures whose converter permutes Q/K rows for llama.cpp's interleaved rotary kernel.
+# Qwen2 uses NEOX-style rotation (HF's rotate_half) and is converted unpermuted.
+_GGUF_PERMUTED_QK = {"llama"}
 
 
-def hf_name_from_gguf(name: str) -> str | None:
-    if name in _GGUF_TOP:
-        return _GGUF_TOP[name]
+def hf_name_from_gguf(name: str, arch: str = "llama") -> str | None:
+    layer_map, prefix, top = _GGUF_NAMES.get(arch, _GGUF_NAMES["llama"])
     m = _GGUF_LAYER.match(name)
-    if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m:
+        part = layer_map.get(m.group(2))
+        return f"{prefix}.{m.group(1)}.{part}.{m.group(3)}" if part else None
+    m = _GGUF_TOP_NAME.match(name)
+    if m and m.group(1) in top:
+        return f"{top[m.group(1)]}.{m.group(2)}"
     return None
 
 
+def _is_conv1d(name: str, arch: str) -> bool:
+    m = _GGUF_LAYER.match(name)
+    return bool(m) and m.group(3) == "weight" and m.group(2) in _GGUF_CONV1D.get(arch, ())
+
+
+def gguf_permutes_qk(gguf_file: GGUFFile) -> bool:
+    return gguf_file.fields.get("general.architecture") in _GGUF_PERMUTED_QK
+
+
+def gguf_rope_freqs(gguf_file: GGUFFile) -> list[float] | None:
+    """Llama 3's rope scaling as llama.cpp's converter stores it: not in metadata but as a small
+    F32 tensor of per-frequency divisors, `rope_freqs` (head_dim / 2 values)."""
+    t = gguf_file.tensors.get("rope_freqs.weight")
+    if t is None:
+        return None
+    if t.qtype != 0:  # GGML F32: the converter always writes it so
+        raise ModelLoadError(f"{gguf_file.path}: rope_freqs.weight is not F32 (type {t.qtype})")
+    return gguf_file.data(t.name).view(np.float32).astype(float).tolist()
+
+
+def checkpoint_names(model: Any, names: list[str]) -> dict[str, str]:
+    """Loader key -> the checkpoint's own name for it: a family may accept several spellings
+    of one tensor (its `canonical_name`), e.g. GPT-2 files with or without `transformer.`."""
+    canonical = getattr(model, "canonical_name", None)
+    return {canonical(n): n for n in names} if canonical else {n: n for n in names}
+
+
 class GGUFCheckpoint(Checkpoint):
-    """GGUF tensors with llama.cpp's conventions undone: Q/K rows un-permuted (llama.cpp stores
-    them interleaved for its rotary kernel) and shapes in torch order [out, in]."""
+    """GGUF tensors with llama.cpp's conventions undone: Q/K rows un-permuted where its converter
+    permuted them (interleaved for its rotary kernel), GPT-2's projections back in Conv1D layout,
+    shapes in torch order."""
 
     # Rows dequantized per call while reading a column slice: bounds the fp32 temporary.
     CHUNK_ROWS = 1024
 
     def __init__(self, gguf_file: GGUFFile, permuted_heads: dict[str, int]) -> None:
-        """`permuted_heads` maps 'q'/'k' to their head counts for the un-permutation."""
+        """`permuted_heads` maps 'q'/'k' to their head counts for the un-permutation (empty when
+        the file's converter did not permute: see gguf_permutes_qk)."""
         self.path, self._file = gguf_file.path, gguf_file
+        arch = gguf_file.fields.get("general.architecture", "llama")
         self._tensors = {}
+        self._transposed: set[str] = set()
         for t in gguf_file.tensors.values():
-            hf = hf_name_from_gguf(t.name)
+            hf = hf_name_from_gguf(t.name, arch)
             if hf is not None:
                 self._tensors[hf] = t
+                if _is_conv1d(t.name, arch):
+                    self._transposed.add(hf)
         self._heads = permuted_heads
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._tensors[name].shape
+        shape = self._tensors[name].shape
+        return tuple(reversed(shape)) if name in self._transposed else shape
 
     def _heads_of(self, name: str) -> int | None:
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
@@ -144,6 +203,12 @@ class GGUFCheckpoint(Checkpoint):
         return None
 
     def reader(self, name: str) -> Reader:
+        read = self._stored_reader(name)
+        if name in self._transposed:
+            return lambda rows, cols: read(cols, rows).t()
+        return read
+
+    def _stored_reader(self, name: str) -> Reader:
         from gguf import GGMLQuantizationType, quants
 
         t = self._tensors[name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from app.layers.parallel import ShardingError, TPContext, head_split, split_rang
 from app.layers.quant import weight_format
 from app.layers.rotary import RopeScalingError
 from app.model.arena import ArenaLayout, plan_layout
-from app.model.checkpoint import hf_name_from_gguf
+from app.model.checkpoint import checkpoint_names, hf_name_from_gguf
 from app.model.config import ModelConfig
 from app.model.errors import ModelLoadError
 from app.model.gguf_file import read_gguf
@@ -119,12 +119,10 @@ def build_meta_model(
     raises ShardingError when `tp` cannot split the heads."""
     head_split(config.num_heads, config.num_kv_heads, tp)
     fmt = weight_format(dtype, device_kind)
-    # The rotary cos/sin tables are plain attributes outside the arena, so their length does not
-    # change the layout; one position keeps them free (under torch.device("meta") the first
-    # meta op imports torch._dynamo: 2-3 s measured).
-    cheap = replace(config, max_position_embeddings=1)
+    # The rotary cos/sin tables are built on a model's first forward, so this costs nothing for
+    # them; learned position tables (GPT-2) are weights and are laid out like any other.
     try:
-        return model_class(config.architecture)(cheap, TPContext(rank, tp), _NoComm(rank, tp), fmt)
+        return model_class(config.architecture)(config, TPContext(rank, tp), _NoComm(rank, tp), fmt)
     except RopeScalingError as e:
         raise ModelLoadError(str(e)) from None
 
@@ -155,7 +153,10 @@ def read_tensor_headers(path: Path) -> dict[str, TensorHeader]:
     """Tensor name (Hugging Face convention where we know it) -> shape and stored bytes."""
     if path.is_file():
         gf = read_gguf(path)
-        return {hf_name_from_gguf(n) or n: TensorHeader(t.shape, t.nbytes) for n, t in gf.tensors.items()}
+        arch = gf.fields.get("general.architecture", "llama")
+        return {
+            hf_name_from_gguf(n, arch) or n: TensorHeader(t.shape, t.nbytes) for n, t in gf.tensors.items()
+        }
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -188,15 +189,19 @@ def _safetensors_header(fpath: Path) -> dict[str, TensorHeader]:
 
 
 def part_of(name: str) -> str:
-    if name == "model.embed_tokens.weight":
+    name = name.removeprefix("transformer.")  # GPT-2 files come with and without it
+    if name in ("model.embed_tokens.weight", "wte.weight", "wpe.weight"):
         return "embeddings"
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return "other"  # old GPT-2 files' causal-mask buffers, not weights
     if name == "lm_head.weight":
         return "lm_head"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".attn." in name:
         return "attention"
     if ".mlp." in name:
         return "mlp"
-    if "norm" in (name.split(".")[-2:-1] or [""])[0]:
+    module = (name.split(".")[-2:-1] or [""])[0]
+    if "norm" in module or module in ("ln_1", "ln_2", "ln_f"):
         return "norms"
     return "other"  # tensors the model does not load (e.g. GGUF rope_freqs): counted, not served
 
@@ -233,9 +238,9 @@ def model_costs(
     path = Path(path)
     config = read_config(path)
     headers = read_tensor_headers(path)
-    limit = config.max_position_embeddings
+    limit, why = config.context_limit()
     if max_model_len is not None and max_model_len > limit:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context of {limit}")
+        raise ValueError(f"--max-model-len {max_model_len} exceeds {why}")
     ctx = max_model_len or limit
     kv_tokens = max_num_seqs * -(-ctx // block_size) * block_size  # the server allocates whole blocks
 
@@ -249,7 +254,7 @@ def model_costs(
     weight_bytes: dict[str, int] = {}
     for dtype in dtypes:
         model = build_meta_model(config, dtype, 1, 0, device_kind)
-        missing = sorted(set(model.weight_loaders()) - set(headers))
+        missing = sorted(set(model.weight_loaders()) - set(checkpoint_names(model, list(headers))))
         if missing:  # the loader would refuse it: say so now rather than cost a model that cannot load
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ModelLoadError(f"{path}: missing weights {', '.join(missing[:3])}{more}")

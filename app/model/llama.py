@@ -1,4 +1,7 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral without sliding window), built from app/layers.
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2), built from app/layers.
+
+Mistral is this body with its own config fields (a sliding window caps the served context: see
+ModelConfig.context_limit); Qwen2 adds biases to q, k and v but not to o.
 
 The model is plain: tensor parallelism and quantization enter only through the layers it is
 built from (sharded linears, weight formats) and the communicator passed in."""
@@ -10,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from app.layers.activation import activation
 from app.layers.attention import AttentionMetadata, paged_attention
 from app.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from app.layers.linear import ColumnParallelLinear, Reader, RowParallelLinear, Shard
@@ -39,7 +43,7 @@ class LlamaAttention(nn.Module):
                 Shard("v", kv0, kv0 + hs.kv_count * d),
             ],
             fmt,
-            bias=cfg.attention_bias,
+            bias=cfg.attention_bias or cfg.qkv_bias,
         )
         self.o_proj = RowParallelLinear(
             (q0, q0 + hs.q_count * d), cfg.hidden_size, fmt, comm, cfg.attention_bias
@@ -66,10 +70,11 @@ class LlamaMLP(nn.Module):
             cfg.hidden_size, [Shard("gate", i0, i1), Shard("up", i0, i1)], fmt, bias=cfg.mlp_bias
         )
         self.down_proj = RowParallelLinear((i0, i1), cfg.hidden_size, fmt, comm, cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(torch.nn.functional.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -89,7 +94,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat):
         super().__init__()
         self.config = cfg
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.position_limit, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, tp, comm, fmt, rope) for _ in range(cfg.num_layers)
@@ -136,11 +141,11 @@ class LlamaForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             loaders[p + "input_layernorm.weight"] = layer.input_layernorm.load
             loaders[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.load
-            for kind in ("weight", "bias") if self.config.attention_bias else ("weight",):
-                is_bias = kind == "bias"
+            for kind in ("weight", "bias") if attn.qkv_proj.has_bias else ("weight",):
                 for s in ("q", "k", "v"):
-                    loaders[f"{p}self_attn.{s}_proj.{kind}"] = _shard_loader(attn.qkv_proj, s, is_bias)
-                loaders[f"{p}self_attn.o_proj.{kind}"] = _row_loader(attn.o_proj, is_bias)
+                    loaders[f"{p}self_attn.{s}_proj.{kind}"] = _shard_loader(attn.qkv_proj, s, kind == "bias")
+            for kind in ("weight", "bias") if attn.o_proj.has_bias else ("weight",):
+                loaders[f"{p}self_attn.o_proj.{kind}"] = _row_loader(attn.o_proj, kind == "bias")
             for kind in ("weight", "bias") if self.config.mlp_bias else ("weight",):
                 is_bias = kind == "bias"
                 for s in ("gate", "up"):

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from app.device import Device
 from app.layers.parallel import Comm, ShardingError, TPContext, head_split
 from app.layers.quant import weight_format
 from app.layers.rotary import RopeScalingError
 from app.model.arena import pack_into_arena
-from app.model.checkpoint import Checkpoint, GGUFCheckpoint, SafetensorsCheckpoint
+from app.model.checkpoint import (
+    Checkpoint,
+    GGUFCheckpoint,
+    SafetensorsCheckpoint,
+    checkpoint_names,
+    gguf_permutes_qk,
+    gguf_rope_freqs,
+)
 from app.model.config import ModelConfig, config_from_gguf, config_from_hf
 from app.model.errors import ModelLoadError
 from app.model.gguf_file import read_gguf
@@ -34,10 +41,11 @@ class LoadedModel:
 
 
 def read_config(path: Path) -> ModelConfig:
-    """The model's config from metadata alone (no tensor data is read)."""
+    """The model's config from metadata alone (no weight data is read; Llama 3's rope_freqs,
+    a few hundred bytes, is configuration stored as a tensor)."""
     if path.is_file():
         gf = read_gguf(path)
-        return config_from_gguf(gf.fields, set(gf.tensors), path)
+        return config_from_gguf(gf.fields, set(gf.tensors), path, rope_freqs=gguf_rope_freqs(gf))
     if path.is_dir():
         return config_from_hf(path)
     raise ModelLoadError(f"{path}: no such file or directory")
@@ -45,12 +53,10 @@ def read_config(path: Path) -> ModelConfig:
 
 def open_checkpoint(path: Path, config: ModelConfig) -> Checkpoint:
     if path.is_file():
-        return GGUFCheckpoint(read_gguf(path), {"q": config.num_heads, "k": config.num_kv_heads})
+        gf = read_gguf(path)
+        heads = {"q": config.num_heads, "k": config.num_kv_heads} if gguf_permutes_qk(gf) else {}
+        return GGUFCheckpoint(gf, heads)
     return SafetensorsCheckpoint(path)
-
-
-def default_alloc(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def load_model(
@@ -59,8 +65,7 @@ def load_model(
     tp: TPContext,
     comm: Comm,
     *,
-    device_kind: str = "cpu",
-    alloc: Callable[[int], torch.Tensor] = default_alloc,
+    device: Device | None = None,
 ) -> LoadedModel:
     t0 = time.perf_counter()
     config = read_config(path)
@@ -68,21 +73,25 @@ def load_model(
         head_split(config.num_heads, config.num_kv_heads, tp.world_size)
     except ShardingError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    fmt = weight_format(dtype, device_kind)
+    device = device or Device.resolve("cpu")
+    fmt = weight_format(dtype, device.kind)
     try:
         model = model_class(config.architecture)(config, tp, comm, fmt)
     except RopeScalingError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    arena = pack_into_arena(model, alloc)
+    arena = pack_into_arena(model, device.alloc_arena)
     ckpt = open_checkpoint(path, config)
     loaders = model.weight_loaders()
-    available = set(ckpt.names())
-    missing = sorted(set(loaders) - available)
+    available = checkpoint_names(model, ckpt.names())
+    missing = sorted(set(loaders) - set(available))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ModelLoadError(f"{path}: missing weights {', '.join(missing[:3])}{more}")
+    uploader = device.uploader()
     with torch.no_grad():
         for name in sorted(loaders):  # file order does not matter: each loader writes its own view
-            loaders[name](ckpt.reader(name))
+            read = ckpt.reader(available[name])
+            loaders[name](lambda rows, cols, read=read: uploader.upload(read(rows, cols)))
+        device.synchronize()
     ckpt.close()
     return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0)

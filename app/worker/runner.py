@@ -9,8 +9,25 @@ import torch
 
 from app.engine.types import SampledToken, StepOutput, StepPlan
 from app.layers.attention import build_spans
+from app.layers.linear import QuantLinear
+from app.layers.quant import Float32
 from app.model.loader import LoadedModel
 from app.worker.sampler import Sampler
+
+
+def batch_invariant_rows(loaded: LoadedModel) -> int:
+    """Row count the step's activations are padded to a multiple of, so a row's result does not
+    depend on the batch size. MKL's sgemm rounds a row differently when M < 4 (and, with 2 threads,
+    when 5 <= M <= 11), while every M that is a multiple of 4 gives bitwise the same rows (measured
+    on every linear shape of the default and test models, 1 to 3 threads). int8 weight-only is
+    batch-invariant as it is. 16-bit weights are left alone: padding would push batch 1 off its
+    fast 16-bit GEMV (Half16), and correctness is judged in fp32."""
+    fmt = next(m.fmt for m in loaded.model.modules() if isinstance(m, QuantLinear))
+    return 4 if isinstance(fmt, Float32) else 1
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> int:
@@ -34,10 +51,12 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         kv_heads, head_dim = self.model.kv_shape()
         slots = num_blocks * block_size
-        # One allocation for all layers: [layers, 2, slots, kv_heads, head_dim].
-        self.kv_storage = torch.zeros(loaded.config.num_layers, 2, slots, kv_heads, head_dim, dtype=kv_dtype)
+        # One allocation for all layers: [layers, 2, slots, kv_heads, head_dim]. Uninitialised:
+        # attention reads only slots written before, and untouched pages cost no memory yet.
+        self.kv_storage = torch.empty(loaded.config.num_layers, 2, slots, kv_heads, head_dim, dtype=kv_dtype)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_storage]
         self.sampler = Sampler(loaded.config.vocab_size, seed) if is_driver else None
+        self.row_multiple = batch_invariant_rows(loaded)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -73,12 +92,19 @@ class ModelRunner:
             [c.start_pos + len(c.token_ids) for c in plan.chunks],
             [c.block_table for c in plan.chunks],
             self.block_size,
+            batch_invariant=True,  # the engine promises batched == alone, bitwise
         )
+        # Padding rows (token 0 at position 0) write no KV and attend to nothing: see attention.py.
+        pad = _pad(len(ids), self.row_multiple) - len(ids)
+        ids.extend([0] * pad)
+        positions.extend([0] * pad)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
         if not sample_rows:
             return StepOutput(plan.step_id, ()) if self.sampler is not None else None
         # The LM head's all-gather is a collective: every rank computes logits for the same rows.
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        num_sampled = len(sample_rows)
+        rows = sample_rows + [sample_rows[-1]] * (_pad(num_sampled, self.row_multiple) - num_sampled)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows)])[:num_sampled]
         if self.sampler is None:
             return None
         sampling = [c for c in plan.chunks if c.sample]

@@ -1,8 +1,9 @@
 """Batched sampling on rank 0: penalties, bias, temperature, top-k/top-p/min-p, seeds, logprobs.
 
-Every row is processed with the same vectorised ops whatever its neighbours, and a seeded row
-draws from its own generator seeded by (seed, index of the token it samples), so a seeded choice
-samples the same tokens in any batch, and again after a preemption recomputes it.
+Every row is processed with the same row-wise ops whatever its neighbours, and a seeded row
+draws its one uniform (inverse-CDF sampling) from its own generator seeded by (seed, index of the
+token it samples), so a seeded choice samples the same tokens in any batch, and again after a
+preemption recomputes it.
 
 Logprobs are those of the model's raw distribution (log_softmax of the logits before penalties,
 temperature and truncation), as vLLM reports them by default."""
@@ -76,12 +77,12 @@ class Sampler:
         if sampled_rows:
             idx = torch.tensor(sampled_rows)
             probs = self._probs(logits[idx], [states[r].params for r in sampled_rows])
+            u = torch.empty(len(sampled_rows), dtype=torch.float64)
             for j, r in enumerate(sampled_rows):
                 seed = states[r].params.seed
                 g = self.generator if seed is None else _generator_for(seed, num_outputs[r])
-                # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p (one draw per token).
-                e = torch.empty_like(probs[j]).exponential_(generator=g)
-                tokens[r] = (probs[j] / e).argmax()
+                u[j] = torch.rand((), dtype=torch.float64, generator=g)
+            tokens[idx] = _inverse_cdf(probs, u)
         out = []
         logprobs = torch.log_softmax(raw, dim=-1) if raw is not None else None
         for row, (sid, st) in enumerate(zip(seq_ids, states, strict=True)):
@@ -98,25 +99,58 @@ class Sampler:
 
     @staticmethod
     def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
         logits = logits / temps
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            v = logits.shape[-1]
-            ks = torch.tensor([k if 0 < k < v else v for k in top_k])[:, None]
-            ranks = torch.arange(v)[None, :]
-            cut = ranks >= ks
-            probs_sorted = sorted_logits.softmax(dim=-1)
-            # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-            mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
-            cut |= mass_before >= torch.tensor(top_p, dtype=logits.dtype)[:, None]
-            sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+        v = logits.shape[-1]
+        truncated = [r for r, p in enumerate(params) if 0 < p.top_k < v or p.top_p < 1.0]
+        if truncated:
+            rows = torch.tensor(truncated)
+            logits[rows] = _top_k_top_p(logits[rows], [params[r] for r in truncated])
         probs = logits.softmax(dim=-1)
+        min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
             floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, dtype=probs.dtype)[:, None]
             probs = probs.masked_fill(probs < floor, 0.0)
         return probs
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs [R, V] (unnormalised, >= 0) for uniforms u [R] in [0, 1).
+
+    One uniform per token instead of an exponential race's V of them: drawing 49152 exponentials
+    per row cost 1.3 ms, 22 ms of a batch-16 step. The first token whose cumulative mass exceeds
+    u * total is taken, so a token of probability 0 (an empty interval) is never drawn."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:].contiguous()
+    tok = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    last = torch.searchsorted(cdf, total, right=False)  # u * total may round up to total
+    return torch.minimum(tok, last)[:, 0]
+
+
+def _top_k_top_p(x: torch.Tensor, params: list[SamplingParams], candidates: int = 1024) -> torch.Tensor:
+    """x [R, V] with every token outside its row's top-k and top-p sets at -inf.
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the token crossing
+    it included). Sorting 49152 logits costs 3.4 ms a row, so each row looks at its `candidates`
+    most likely tokens first (or its top_k, if larger) and is sorted whole only when its top-p set
+    does not end inside them. The width is the row's own, so a row's result never depends on its
+    neighbours; rows with top_p = 1 are exempt from top-p (their fp32 mass reaches 1.0 early)."""
+    v = x.shape[-1]
+    out = torch.full_like(x, float("-inf"))
+    widths = [min(v, max(candidates, p.top_k)) for p in params]
+    for width in sorted(set(widths)):
+        rows = [r for r, w in enumerate(widths) if w == width]
+        xs = x[rows]
+        vals, order = xs.topk(width, dim=-1)  # sorted, most likely first
+        probs = (vals - torch.logsumexp(xs, dim=-1, keepdim=True)).exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        ks = torch.tensor([params[r].top_k if params[r].top_k > 0 else v for r in rows])[:, None]
+        ps = torch.tensor([params[r].top_p for r in rows], dtype=x.dtype)[:, None]
+        cut = (torch.arange(width)[None, :] >= ks) | ((mass_before >= ps) & (ps < 1.0))
+        out[rows] = out[rows].scatter_(-1, order, vals.masked_fill(cut, float("-inf")))
+        # the kept set may go on past the candidates: neither top_k nor top_p cut the last one
+        unfinished = [r for j, r in enumerate(rows) if width < v and not cut[j, -1]]
+        if unfinished:
+            out[unfinished] = _top_k_top_p(x[unfinished], [params[r] for r in unfinished], v)
+    return out

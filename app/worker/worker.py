@@ -3,14 +3,19 @@
 Messages from the pool arrive pickled on this rank's pipe: a StepPlan to compute, or None to
 stop. Rank 0 answers each plan with a StepOutput; a failure inside the forward is answered with
 a StepOutput carrying the error (rank 0) or by exiting (other ranks), so the pool never waits on
-a silent rank."""
+a silent rank.
+
+Ranks on other machines (`shardserve rank --dist-init ...`) join the same torch.distributed
+group; then rank 0 broadcasts each plan to all ranks over it (see WorkerArgs.remote)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
 import resource
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -44,6 +49,10 @@ class WorkerArgs:
     threads: int
     seed: int
     comm_timeout: float
+    # Some ranks live in other process trees (other pods/machines, joined through --dist-init):
+    # plans then reach every rank through a torch.distributed broadcast from rank 0 instead of
+    # pipes, and the per-layer collectives use gloo/NCCL instead of shared memory.
+    remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,12 +70,29 @@ class RankFailed:
     error: str
 
 
-def worker_main(rank: int, args: WorkerArgs, conn: Connection) -> None:
-    torch.set_num_threads(args.threads)
+def worker_main(
+    rank: int, args: WorkerArgs | None, conn: Connection | None, remote: RemoteRank | None = None
+) -> None:
+    """A rank started by the pool (args and a pipe) or by `shardserve rank` (remote: no pipe; the
+    arguments arrive from rank 0 once the group is joined)."""
+    # Ctrl+C in a terminal signals the whole process group; the server drains and stops the ranks
+    # itself, so a rank must not die of that signal mid-request.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     comm = None
     try:
+        if args is None:
+            assert remote is not None
+            torch.set_num_threads(remote.threads)
+            init_distributed(Device.resolve(remote.device, rank), rank, remote.world_size, remote.init_method)
+            args = _broadcast(None)
+            if remote.model_path is not None:
+                args = dataclasses.replace(args, model_path=remote.model_path)
+        else:
+            torch.set_num_threads(args.threads)
+            init_distributed(Device.resolve(args.device, rank), rank, args.world_size, args.init_method)
+            if args.remote:
+                args = _broadcast(args)
         device = Device.resolve(args.device, rank)
-        init_distributed(device, rank, args.world_size, args.init_method)
         comm = make_communicator(
             device,
             rank,
@@ -81,9 +107,9 @@ def worker_main(rank: int, args: WorkerArgs, conn: Connection) -> None:
             args.dtype,
             TPContext(rank, args.world_size),
             comm,
-            device_kind=device.kind,
-            alloc=device.alloc_arena,
+            device=device,
         )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the KV cache
         runner = ModelRunner(
             loaded,
             num_blocks=args.num_blocks,
@@ -91,31 +117,58 @@ def worker_main(rank: int, args: WorkerArgs, conn: Connection) -> None:
             is_driver=rank == 0,
             seed=args.seed,
         )
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        conn.send(RankReady(rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak))
+        if args.remote:
+            torch.distributed.barrier()  # ready only when every rank, local or not, has loaded
+        if conn is not None:
+            conn.send(RankReady(rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak))
     except Exception as e:  # report, then exit: the pool turns this into a clear start-up error
-        conn.send(RankFailed(rank, f"{type(e).__name__}: {e}"))
-        log.debug("rank %d failed to start:\n%s", rank, traceback.format_exc())
+        # A ValueError (ModelLoadError, ShardingError, ...) already says file and problem in one line.
+        if conn is not None:
+            conn.send(RankFailed(rank, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        log.error("rank %d failed to start: %s", rank, e)
+        log.debug("%s", traceback.format_exc())
         return
-    _serve(rank, runner, conn)
+    _serve(rank, runner, conn, args.remote)
     if comm is not None:
         comm.close()
 
 
-def _serve(rank: int, runner: ModelRunner, conn: Connection) -> None:
+@dataclass(frozen=True)
+class RemoteRank:
+    """What `shardserve rank` knows before joining the group; the rest comes from rank 0."""
+
+    init_method: str
+    world_size: int
+    device: str = "auto"
+    threads: int = 1
+    model_path: Path | None = None  # this machine's copy of the model; default: the leader's path
+
+
+def _broadcast(obj: object) -> object:
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _next_plan(rank: int, conn: Connection | None, remote: bool) -> StepPlan | None:
+    plan = pickle.loads(conn.recv_bytes()) if conn is not None and (rank == 0 or not remote) else None
+    return _broadcast(plan) if remote else plan
+
+
+def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool) -> None:
     while True:
         try:
-            plan: StepPlan | None = pickle.loads(conn.recv_bytes())
-        except EOFError:  # the pool is gone
+            plan = _next_plan(rank, conn, remote)
+        except (EOFError, RuntimeError):  # the pool (or, remote, rank 0) is gone
             return
         if plan is None:
             return
         try:
             out = runner.execute(plan)
         except Exception as e:
-            if rank == 0:
+            if rank == 0 and conn is not None:
                 conn.send_bytes(pickle.dumps(StepOutput(plan.step_id, (), error=f"{type(e).__name__}: {e}")))
             log.error("rank %d step %d failed:\n%s", rank, plan.step_id, traceback.format_exc())
             os._exit(1)  # peers may be blocked in a collective with us: the pool restarts all
-        if rank == 0:
+        if rank == 0 and conn is not None:
             conn.send_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))

@@ -1,0 +1,135 @@
+"""The app's state and the Annotated dependencies routes take; tests override them by key.
+
+One ServerState per app, made by create_app and kept in ``app.state.shardserve``; nothing lives at
+module level. The runtime and its EngineClient appear once the model is loaded (the lifespan loads it
+in the background, so probes answer 503 meanwhile)."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.api.backpressure import SHUTTING_DOWN, Admission
+from app.api.errors import EngineFailed, NotReady, ServiceUnavailable, Unauthorized
+from app.engine.client import EngineClient
+from app.metrics import Metrics
+from app.runtime import Runtime
+from app.settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    admission: Admission
+    api_keys: tuple[bytes, ...] = ()
+    runtime: Runtime | None = None
+    client: EngineClient | None = None
+    load_error: str | None = None  # the model failed to load: serve() exits non-zero
+    metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
+    request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def not_ready_reason(self) -> str | None:
+        """None when requests can be served; else why not (for /ready and the 503s)."""
+        rt = self.runtime
+        if self.draining:
+            return "draining"
+        if self.load_error is not None:
+            return "the model failed to load"
+        if rt is None or self.client is None:
+            return "loading"
+        if rt.engine.failed is not None:
+            return "the worker ranks failed and could not be restarted"
+        if not rt.ready or rt.pool.check_alive() is not None:
+            return "the worker ranks are restarting"
+        return None
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.shardserve
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+def get_runtime(state: StateDep) -> Runtime:
+    """The loaded runtime (its tokenizer and limits); 503 while loading or draining."""
+    if state.draining:
+        raise ServiceUnavailable(SHUTTING_DOWN, retry_after=1)
+    if state.runtime is None:
+        raise NotReady()
+    return state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_client(state: StateDep, runtime: RuntimeDep) -> EngineClient:
+    """The engine client, only while every rank is up: 503 otherwise, before any work is done."""
+    reason = state.not_ready_reason()
+    if reason == "the worker ranks failed and could not be restarted":
+        raise EngineFailed()
+    if reason is not None or state.client is None:
+        raise NotReady(f"The model is not ready ({reason}); retry later.")
+    return state.client
+
+
+ClientDep = Annotated[EngineClient, Depends(get_client)]
+
+
+def get_admission(state: StateDep) -> Admission:
+    return state.admission
+
+
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """With keys configured, `Authorization: Bearer <key>` must name one (constant-time per key)."""
+    if not state.api_keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    ok = False
+    for key in state.api_keys:  # no early exit: the time taken does not say which key came close
+        ok |= hmac.compare_digest(given, key)
+    if not ok or scheme.lower() != "bearer":
+        raise Unauthorized()
+
+
+Authorized = Depends(require_api_key)
+
+
+@dataclass
+class AccessRecord:
+    """What the access log says about one request; the middleware makes it, routes fill it in."""
+
+    request_id: str
+    start: float  # time.monotonic() when the request arrived
+    reject_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    first_output: float | None = None  # time.monotonic() of the first generated token
+    queue_time: float | None = None  # seconds from arrival to the first scheduled step (engine's figure)
+    finish_reason: str | None = None
+    texts: dict[str, list[str]] | None = None  # prompts and outputs, only with --log-prompts
+
+
+def get_record(request: Request) -> AccessRecord:
+    record = request.scope.get("state", {}).get("access")
+    if record is None:  # an app mounted without the request-id middleware
+        record = AccessRecord(request_id="-", start=time.monotonic())
+        request.scope.setdefault("state", {})["access"] = record
+    return record
+
+
+RecordDep = Annotated[AccessRecord, Depends(get_record)]

@@ -1,0 +1,315 @@
+"""OpenAI request -> GenerateRequests, and RequestOutputs -> OpenAI chunks or one whole response.
+
+Every check the API makes happens in prepare_*, before anything reaches the engine, so the engine
+never sees a request the API would reject. Choice index = prompt index * n + choice (OpenAI's rule
+for several prompts); usage counts each prompt once however many choices share it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app.api import protocol as p
+from app.api.backpressure import Ticket
+from app.api.deps import AccessRecord
+from app.api.errors import EngineFailed, InvalidRequest, ServiceUnavailable
+from app.api.sse import encode_event
+from app.chat_template import ChatTemplateError
+from app.engine.client import EngineClient
+from app.engine.types import FinishReason, GenerateRequest, RequestOutput, TokenLogprob
+from app.runtime import Runtime
+
+CUT_SHORT = "The server is shutting down; the request was cut short."
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context
+# names the renderer sets itself: a client's chat_template_kwargs may not override them
+_RESERVED_TEMPLATE_ARGS = frozenset(
+    {"messages", "add_generation_prompt", "tools", "documents", "source", "special_tokens"}
+)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One HTTP generation request, checked and tokenized: what the engine will run."""
+
+    kind: Literal["chat", "completion"]
+    response_id: str
+    model: str
+    created: int
+    requests: tuple[GenerateRequest, ...]  # one per prompt
+    echo: tuple[str, ...]  # text each prompt's choices start with ("" without echo)
+    n: int
+    logprobs: bool
+    stream: bool
+    include_usage: bool
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.requests) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt_token_ids) for r in self.requests)
+
+
+def _deadline(body: p._SamplingRequest, server_limit: float | None, now: float) -> float | None:
+    limits = [t for t in (body.timeout, server_limit) if t is not None]
+    return now + min(limits) if limits else None
+
+
+def _prepare(
+    kind: Literal["chat", "completion"],
+    body: p.ChatCompletionRequest | p.CompletionRequest,
+    runtime: Runtime,
+    prompts: Sequence[Sequence[int]],
+    echo: Sequence[str],
+    *,
+    pretokenized: bool,
+    now: float,
+) -> Prepared:
+    tok = runtime.tokenizer
+    default_max = runtime.max_model_len if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS
+    base = body.to_sampling_params(
+        default_max_tokens=default_max, generation_defaults=tok.generation_defaults
+    )
+    vocab = min(tok.vocab_size, runtime.config.vocab_size)  # ids must embed and decode
+    deadline = _deadline(body, runtime.settings.request_timeout, now)
+    response_id = p.random_id("chatcmpl" if kind == "chat" else "cmpl")
+    requests = []
+    for i, ids in enumerate(prompts):
+        params = p.check_against_model(
+            base,
+            len(ids),
+            vocab_size=vocab,
+            max_model_len=runtime.max_model_len,
+            max_tokens_given=body.requested_max_tokens is not None,
+            prompt_token_ids=ids if pretokenized else (),
+            noun="messages" if kind == "chat" else "prompt",
+        )
+        rid = response_id if len(prompts) == 1 else f"{response_id}-{i}"
+        requests.append(GenerateRequest(rid, tuple(ids), params, now, body.priority, deadline))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return Prepared(
+        kind, response_id, runtime.model_name, int(time.time()), tuple(requests), tuple(echo),
+        body.n, base.logprobs is not None, body.stream, include_usage,
+    )  # fmt: skip
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+
+
+def prepare_chat(body: p.ChatCompletionRequest, runtime: Runtime, now: float) -> Prepared:
+    tok = runtime.tokenizer
+    extra = template_kwargs(body.chat_template_kwargs)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    try:
+        text = tok.apply_chat_template(
+            body.template_messages(), add_generation_prompt=body.add_generation_prompt, tools=tools, **extra
+        )
+    except ChatTemplateError as e:
+        raise InvalidRequest(f"{str(e)[:300]}.", param="messages") from None
+    ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+    last = body.messages[-1]
+    echo = last.text() if body.echo and last.role == "assistant" else ""
+    return _prepare("chat", body, runtime, [ids], [echo], pretokenized=False, now=now)
+
+
+def prepare_completion(body: p.CompletionRequest, runtime: Runtime, now: float) -> Prepared:
+    tok = runtime.tokenizer
+    prompts, echo = [], []
+    pretokenized = not isinstance(body.prompt, str) and not all(isinstance(x, str) for x in body.prompt)
+    for prompt in body.prompt_list():
+        ids = list(prompt) if isinstance(prompt, list) else tok.encode(prompt)
+        prompts.append(ids)
+        if body.echo:
+            echo.append(prompt if isinstance(prompt, str) else _decode_prompt(tok, ids))
+        else:
+            echo.append("")
+    return _prepare("completion", body, runtime, prompts, echo, pretokenized=pretokenized, now=now)
+
+
+def _decode_prompt(tok: Any, ids: Sequence[int]) -> str:
+    if max(ids) >= tok.vocab_size:
+        return ""  # check_against_model rejects it right after with the real reason
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+# ---- engine outputs ----------------------------------------------------------------------------
+
+
+async def outputs_of(client: EngineClient, requests: Sequence[GenerateRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:  # fmt: skip
+    """(prompt index, output) for every request, interleaved as they come; closing it aborts the rest."""
+    if len(requests) == 1:
+        async with contextlib.aclosing(client.generate(requests[0])) as gen:
+            async for out in gen:
+                yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, req: GenerateRequest) -> None:
+        try:
+            async with contextlib.aclosing(client.generate(req)) as gen:
+                async for out in gen:
+                    queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    try:
+        open_requests = len(tasks)
+        while open_requests:
+            i, item = await queue.get()
+            if item is None:
+                open_requests -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Tally:
+    """Usage, the access record and the admission ticket, updated from each output."""
+
+    def __init__(self, prep: Prepared, ticket: Ticket, record: AccessRecord) -> None:
+        self.prep, self.ticket, self.record = prep, ticket, record
+        self.completion = [0] * prep.num_choices
+        self.cached = [0] * len(prep.requests)
+        record.prompt_tokens = prep.prompt_tokens
+
+    def add(self, prompt: int, out: RequestOutput) -> int:
+        """The choice index of out; raises for outputs that end the whole request."""
+        if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+            self.record.finish_reason = out.finish_reason.value
+        if out.finish_reason is FinishReason.ERROR:
+            raise EngineFailed(f"The request failed: {out.error or 'the worker ranks failed'}.")
+        if out.finish_reason is FinishReason.ABORT:  # only the drain aborts a request someone listens to
+            raise ServiceUnavailable(CUT_SHORT)
+        if self.record.first_output is None:
+            self.record.first_output = time.monotonic()
+            self.ticket.start()
+        if self.record.queue_time is None and out.queue_time is not None:
+            self.record.queue_time = out.queue_time
+        index = prompt * self.prep.n + out.index
+        self.completion[index] = out.completion_tokens
+        if self.record.texts is not None:
+            self.record.texts["outputs"][index] += out.text
+        self.cached[prompt] = max(self.cached[prompt], out.cached_tokens)
+        self.record.completion_tokens = sum(self.completion)
+        self.record.cached_tokens = sum(self.cached)
+        if out.finish_reason is not None:
+            self.record.finish_reason = out.finish_reason.value
+        return index
+
+    def usage(self) -> p.UsageInfo:
+        return p.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), sum(self.cached))
+
+
+async def chat_stream(
+    prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
+) -> AsyncIterator[bytes]:
+    def chunk(choices: list[p.ChatStreamChoice], usage: p.UsageInfo | None = None) -> bytes:
+        return encode_event(
+            p.ChatCompletionStreamResponse(
+                id=prep.response_id, created=prep.created, model=prep.model, choices=choices, usage=usage
+            )
+        )
+
+    for i in range(prep.num_choices):  # the role first, as OpenAI does, before any token exists
+        delta = p.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
+        yield chunk([p.ChatStreamChoice(index=i, delta=delta)])
+    async with contextlib.aclosing(outputs):
+        async for prompt, out in outputs:
+            i = tally.add(prompt, out)
+            lp = p.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
+            if out.text or lp is not None:
+                yield chunk(
+                    [p.ChatStreamChoice(index=i, delta=p.DeltaMessage(content=out.text), logprobs=lp)]
+                )
+            if out.finish_reason is not None:
+                reason = out.finish_reason.value
+                yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(), finish_reason=reason)])
+    if prep.include_usage:
+        yield chunk([], tally.usage())
+
+
+async def completion_stream(
+    prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
+) -> AsyncIterator[bytes]:
+    def chunk(choices: list[p.CompletionChoice], usage: p.UsageInfo | None = None) -> bytes:
+        return encode_event(
+            p.CompletionStreamResponse(
+                id=prep.response_id, created=prep.created, model=prep.model, choices=choices, usage=usage
+            )
+        )
+
+    offsets = [len(prep.echo[i // prep.n]) for i in range(prep.num_choices)]  # logprobs' text_offset
+    for i in range(prep.num_choices):
+        if prep.echo[i // prep.n]:
+            yield chunk([p.CompletionChoice(index=i, text=prep.echo[i // prep.n])])
+    async with contextlib.aclosing(outputs):
+        async for prompt, out in outputs:
+            i = tally.add(prompt, out)
+            lp = None
+            if prep.logprobs and out.logprobs:
+                lp = p.completion_logprobs(out.logprobs, offsets[i])
+                offsets[i] += sum(len(t.token) for t in out.logprobs)
+            if out.text or lp is not None:
+                yield chunk([p.CompletionChoice(index=i, text=out.text, logprobs=lp)])
+            if out.finish_reason is not None:
+                yield chunk([p.CompletionChoice(index=i, text="", finish_reason=out.finish_reason.value)])
+    if prep.include_usage:
+        yield chunk([], tally.usage())
+
+
+async def collect(
+    prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
+) -> p.ChatCompletionResponse | p.CompletionResponse:
+    texts: list[list[str]] = [[prep.echo[i // prep.n]] for i in range(prep.num_choices)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(prep.num_choices)]
+    finish: list[str | None] = [None] * prep.num_choices
+    async with contextlib.aclosing(outputs):
+        async for prompt, out in outputs:
+            i = tally.add(prompt, out)
+            texts[i].append(out.text)
+            logprobs[i].extend(out.logprobs)
+            if out.finish_reason is not None:
+                finish[i] = out.finish_reason.value
+    usage = tally.usage()
+    common: dict[str, Any] = {"id": prep.response_id, "created": prep.created, "model": prep.model}
+    if prep.kind == "chat":
+        return p.ChatCompletionResponse(
+            **common,
+            usage=usage,
+            choices=[
+                p.ChatChoice(
+                    index=i,
+                    message=p.ChatMessage(content="".join(texts[i])),
+                    logprobs=p.chat_logprobs(logprobs[i]) if prep.logprobs else None,
+                    finish_reason=finish[i],  # type: ignore[arg-type]
+                )
+                for i in range(prep.num_choices)
+            ],
+        )
+    return p.CompletionResponse(
+        **common,
+        usage=usage,
+        choices=[
+            p.CompletionChoice(
+                index=i,
+                text="".join(texts[i]),
+                logprobs=p.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
+                finish_reason=finish[i],  # type: ignore[arg-type]
+            )
+            for i in range(prep.num_choices)
+        ],
+    )

@@ -1,0 +1,230 @@
+"""create_app(settings): construction, middleware and routers; serve(settings): uvicorn and the drain.
+
+The lifespan owns the runtime (unless a test injects one): it loads the model in the background so
+that /health answers and /ready says 503 while the ranks start. On SIGTERM/SIGINT serve() does not
+let uvicorn close the socket at once: it drains first (readiness and new requests 503, in-flight
+requests get --shutdown-grace seconds, then are cut short with a clean final event), and only then
+stops uvicorn, whose lifespan shutdown stops the ranks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from app.api.backpressure import Admission
+from app.api.deps import ServerState
+from app.api.errors import APIError, error_response, from_validation_error, install_handlers
+from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from app.api.routes import api, public
+from app.engine.client import EngineClient
+from app.engine.types import RequestOutput
+from app.runtime import Runtime, build_runtime
+from app.settings import Settings
+
+log = logging.getLogger("shardserve.server")
+CUT_FLUSH_SECONDS = 2.0  # after the grace: time for cut-short requests to send their final event
+
+
+def create_app(
+    settings: Settings, runtime: Runtime | None = None, *, body_read_timeout: float = 30.0
+) -> FastAPI:
+    """The app. With `runtime` (started and stopped by the caller) it serves that one at once and
+    takes over the runtime's on_outputs hook; without, its lifespan loads and stops one."""
+    state = ServerState(
+        settings,
+        Admission(
+            max_num_seqs=settings.max_num_seqs,
+            max_queued_requests=settings.max_queued_requests,
+            max_queued_tokens=settings.max_queued_tokens,
+        ),
+        api_keys=tuple(k.encode() for k in settings.api_key),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if runtime is not None:
+            _attach(state, runtime, loop)
+            yield
+            return
+        loader = asyncio.create_task(_load(state, loop))
+        try:
+            yield
+        finally:
+            await asyncio.shield(loader)  # a thread cannot be interrupted: let the load finish, then stop
+            if state.runtime is not None:
+                await asyncio.to_thread(state.runtime.shutdown)
+
+    app = FastAPI(title="shardserve", summary="OpenAI-compatible model server", lifespan=lifespan)
+    app.state.shardserve = state
+    app.state.metrics = state.metrics
+    _install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(public)
+    # added innermost first: the request id and access log see every response, CORS headers go on
+    # errors too, and bodies are bounded before anything parses them
+    app.add_middleware(BodyLimitMiddleware, state=state, read_timeout=body_read_timeout)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app
+
+
+class _Relay:
+    """The engine's on_outputs hook until a client exists; whatever build_runtime wraps around it
+    (metrics) stays in place."""
+
+    def __init__(self) -> None:
+        self.target: Callable[[list[RequestOutput]], None] | None = None
+
+    def __call__(self, outputs: list[RequestOutput]) -> None:
+        if self.target is not None:
+            self.target(outputs)
+
+
+def _attach(
+    state: ServerState, runtime: Runtime, loop: asyncio.AbstractEventLoop, relay: _Relay | None = None
+) -> None:
+    metrics = state.metrics
+    client = EngineClient(runtime.engine, loop, on_request=metrics.request_added)
+    if relay is not None:  # build_runtime already observes outputs and steps into the metrics
+        relay.target = client.deliver
+    else:  # an injected runtime: the engine thread reads its hooks at every step, so outputs come here now
+        runtime.engine.hooks.on_outputs = lambda outs: (metrics.observe_outputs(outs), client.deliver(outs))
+        runtime.engine.hooks.on_step = metrics.observe_step
+        metrics.bind_engine(runtime.engine.stats)
+    metrics.model_info.info(
+        {"model": runtime.model_name, "architecture": runtime.config.architecture, "dtype": runtime.dtype,
+         "tp": str(state.settings.tp), "max_model_len": str(runtime.max_model_len)}
+    )  # fmt: skip
+    state.runtime, state.client = runtime, client
+
+
+async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+    relay = _Relay()
+    try:
+        runtime = await asyncio.to_thread(build_runtime, state.settings, relay, metrics=state.metrics)
+        await asyncio.to_thread(runtime.start)
+    except Exception as e:  # a model that does not load ends the server, non-zero
+        log.error("the model failed to load: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
+        state.load_error = str(e)
+        state.request_exit()
+        return
+    _attach(state, runtime, loop, relay)
+    log.info("ready: %s (%s, tp %d, context %d)", runtime.model_name, runtime.dtype, state.settings.tp,
+             runtime.max_model_len)  # fmt: skip
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """errors.py's handlers, plus a note of why a request was rejected (requests_rejected_total)."""
+    install_handlers(app)
+
+    def note(request: Request, reason: str | None) -> None:
+        record = request.scope.get("state", {}).get("access")
+        if record is not None and reason is not None:
+            record.reject_reason = reason
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        note(request, getattr(exc, "reject_reason", None))
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        note(request, "invalid")
+        return error_response(from_validation_error(exc))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+
+
+# ---- serve: uvicorn with a drain -----------------------------------------------------------------
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM/SIGINT starts a drain; a second one cuts the grace short, a third
+    stops waiting for open connections."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._cut = asyncio.Event()
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not uvicorn's: it would close the socket now and re-raise the signal at exit (exit code != 0).
+        if self._loop is None:
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig).name)
+
+    def _on_signal(self, name: str) -> None:
+        if self._drain is None:
+            log.info(
+                "%s: draining (up to %.1fs for in-flight requests)", name, self.state.settings.shutdown_grace
+            )
+            self._drain = asyncio.ensure_future(self.drain())
+        elif not self._cut.is_set():
+            log.info("%s again: cutting in-flight requests short", name)
+            self._cut.set()
+        else:  # a third time: stop waiting for connections too, as uvicorn does on a second Ctrl+C
+            self.force_exit = True
+
+    async def drain(self) -> None:
+        state, loop = self.state, asyncio.get_running_loop()
+        state.admission.draining = True  # /ready and new requests answer 503 from now on
+        deadline = loop.time() + state.settings.shutdown_grace
+        while state.admission.in_flight and loop.time() < deadline and not self._cut.is_set():
+            await asyncio.sleep(0.05)
+        left = state.admission.in_flight
+        if left and state.client is not None:
+            log.warning("grace over: cutting %d in-flight request(s) short", len(left))
+            for ticket in left:
+                for rid in ticket.request_ids:
+                    state.client.abort(rid)  # each ends with a final error event / a 503
+            flush_until = loop.time() + CUT_FLUSH_SECONDS
+            while state.admission.in_flight and loop.time() < flush_until:
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load."""
+    app = create_app(settings)
+    state: ServerState = app.state.shardserve
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,  # the CLI configured logging; uvicorn's loggers propagate to it
+        access_log=False,  # ours is structured (RequestContextMiddleware)
+        timeout_graceful_shutdown=CUT_FLUSH_SECONDS + 3,
+    )
+    server = _DrainingServer(config, state)
+    state.request_exit = lambda: setattr(server, "should_exit", True)
+    t0 = time.monotonic()
+    server.run()
+    log.info("stopped after %.1fs", time.monotonic() - t0)
+    return 1 if state.load_error is not None else 0

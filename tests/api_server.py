@@ -1,0 +1,113 @@
+"""Helpers for the API tests: a started Runtime, and create_app() served by a real uvicorn in a thread.
+
+A real server (not an ASGI transport) because the openai client, SSE framing and client
+disconnects are what these tests are about. Ranks are spawned processes, so a Runtime costs a few
+seconds: test modules build one per module and share it."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.api.deps import ServerState
+from app.api.server import create_app
+from app.runtime import Runtime, build_runtime
+from app.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_settings(model: Path, **kw: Any) -> Settings:
+    base: dict[str, Any] = {
+        "model": str(model),
+        "dtype": "fp32",
+        "kv_cache_tokens": 4096,
+        "max_num_seqs": 8,
+        "served_model_name": "tiny",
+    }
+    return Settings(**{**base, **kw})
+
+
+@contextlib.contextmanager
+def started_runtime(settings: Settings) -> Iterator[Runtime]:
+    runtime = build_runtime(settings, on_outputs=lambda outputs: None)
+    runtime.start()
+    try:
+        yield runtime
+    finally:
+        runtime.shutdown()
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free loopback port, in a daemon thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, lifespan="on")
+        config.timeout_graceful_shutdown = 2
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    @property
+    def state(self) -> ServerState:
+        return self.app.state.shardserve
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@contextlib.contextmanager
+def live_app(settings: Settings, runtime: Runtime | None, **kw: Any) -> Iterator[LiveServer]:
+    with LiveServer(create_app(settings, runtime, **kw)) as server:
+        yield server
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def process_gone(pid: int) -> bool:
+    """True once pid has exited (a zombie waiting for a reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def child_pids(pid: int) -> list[int]:
+    found: list[int] = []
+    task_dir = Path(f"/proc/{pid}/task")
+    for task in task_dir.iterdir() if task_dir.exists() else ():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
