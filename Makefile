@@ -40,9 +40,24 @@ test: model deploy-tools
 test-slow: model
 	$(VENV)/bin/pytest -m slow
 
+# make bench [PEERS=all|llama|vllm|naive|none] [QUICK=1]: kernels, engine, then the serve workloads
+# against shardserve and each peer (set up once in its own venv under .bench/), written into
+# BENCHMARKS.md between the bench markers, charts in docs/bench/. Each table goes to .bench/results
+# first and is shown when its bench ends; progress bars and logs go to the terminal as they run.
+PEERS ?= all
+BENCH_RESULTS := .bench/results
+
 bench: model
-	$(VENV)/bin/shardserve bench kernels
-	$(VENV)/bin/shardserve bench engine
+	@echo "make bench: the full run takes an hour or more (QUICK=1: a few minutes once the peers are set up;"
+	@echo "building llama.cpp or installing vLLM the first time adds 15+ minutes each)."
+	@mkdir -p $(BENCH_RESULTS)
+	$(VENV)/bin/shardserve bench kernels $(if $(QUICK),--batches 1 16 --repeat 3) \
+	  --json $(BENCH_RESULTS)/kernels.json > $(BENCH_RESULTS)/kernels.md
+	@cat $(BENCH_RESULTS)/kernels.md
+	$(VENV)/bin/shardserve bench engine $(if $(QUICK),--concurrency 16) \
+	  --json $(BENCH_RESULTS)/engine.json > $(BENCH_RESULTS)/engine.md
+	@cat $(BENCH_RESULTS)/engine.md
+	$(VENV)/bin/shardserve bench report --peers $(PEERS) $(if $(QUICK),--quick)
 
 lint: install
 	$(VENV)/bin/ruff check app tests

@@ -84,9 +84,7 @@ def test_every_contract_metric_is_exported_with_its_type(server):
         assert fam is not None, short
         assert fam.type == kind, (short, fam.type)
         assert fam.documentation, short
-    assert contract_names() <= set(families), (
-        contract_names() - set(families)
-    )
+    assert contract_names() <= set(families), contract_names() - set(families)
 
 
 def test_counters_move_with_real_traffic(server):
@@ -210,3 +208,36 @@ def test_real_prometheus_scrapes_us(server):
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def _exported_sample_names(text: str) -> set[str]:
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_every_dashboard_and_alert_query_names_an_exported_series(server):
+    """The Grafana panels and alert rules query series this server really exports."""
+    import json
+
+    import yaml
+
+    from tests.deploy_support import REPO, promql_selectors
+
+    _, text = scrape(server.url)
+    exported = _exported_sample_names(text)
+    exprs = []
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/shardserve.json").read_text())
+    stack = [dashboard]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                exprs.append(node["expr"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    for group in yaml.safe_load((REPO / "deploy/prometheus/alerts.yml").read_text())["groups"]:
+        exprs.extend(rule["expr"] for rule in group["rules"])
+    assert len(exprs) > 20
+    names = {s.metric for e in exprs for s in promql_selectors(e)[0] if s.metric.startswith("shardserve_")}
+    missing = sorted(n for n in names if n not in exported)
+    assert not missing, missing

@@ -14,7 +14,12 @@ from app.worker.worker import RemoteRank, worker_main
 
 
 def run_remote_ranks(
-    dist_init: str, tp: int, rank_offset: int, local_ranks: int, device: str = "auto", model: Path | None = None
+    dist_init: str,
+    tp: int,
+    rank_offset: int,
+    local_ranks: int,
+    device: str = "auto",
+    model: Path | None = None,
 ) -> int:
     if not 0 < rank_offset < tp or rank_offset + local_ranks > tp:
         raise ValueError(

@@ -10,6 +10,7 @@ group; then rank 0 broadcasts each plan to all ranks over it (see WorkerArgs.rem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -128,9 +129,14 @@ def worker_main(
         log.error("rank %d failed to start: %s", rank, e)
         log.debug("%s", traceback.format_exc())
         return
-    _serve(rank, runner, conn, args.remote)
-    if comm is not None:
-        comm.close()
+    clean = _serve(rank, runner, conn, args.remote)
+    comm.close()
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
+    logging.shutdown()
+    # Leave without the interpreter's teardown: gloo's threads can abort it ("terminate called
+    # without an active exception", exit 250) once the peers are gone, which would hide a clean stop.
+    os._exit(0 if clean else 1)
 
 
 @dataclass(frozen=True)
@@ -155,14 +161,15 @@ def _next_plan(rank: int, conn: Connection | None, remote: bool) -> StepPlan | N
     return _broadcast(plan) if remote else plan
 
 
-def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool) -> None:
+def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool) -> bool:
+    """Steps until told to stop (True) or until the pool or rank 0 vanished (False)."""
     while True:
         try:
             plan = _next_plan(rank, conn, remote)
         except (EOFError, RuntimeError):  # the pool (or, remote, rank 0) is gone
-            return
+            return False
         if plan is None:
-            return
+            return True
         try:
             out = runner.execute(plan)
         except Exception as e:
