@@ -8,6 +8,7 @@ ignored by SSE parsers, the openai client's included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -87,10 +88,17 @@ async def sse_stream(
         finished = True
         yield DONE
     finally:
-        if pending is not None:
-            if pending.done() and not pending.cancelled():
-                pending.exception()  # retrieved: no "exception was never retrieved" warning
+        if pending is not None and not pending.done():
             pending.cancel()  # the producer sees CancelledError, which also closes it
+        else:
+            if pending is not None and not pending.cancelled():
+                pending.exception()  # retrieved: no "exception was never retrieved" warning
+            # A producer suspended at a yield is closed now, not whenever the GC finds it: its
+            # cleanup (the engine client's queue, the request's abort) must not wait for that.
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
         if not finished:
             try:
                 on_disconnect()
