@@ -58,3 +58,14 @@ class PositionEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return F.embedding(positions, self.weight)
+
+
+def lm_head_for(
+    embedding: VocabParallelEmbedding, tied: bool, fmt: WeightFormat, tp: TPContext, comm: Comm
+) -> tuple[ParallelLMHead, VocabParallelEmbedding | None]:
+    """The LM head over the embedding's own rows when tied, else over a table of its own (returned
+    so the model can load `lm_head.weight` into it)."""
+    if tied:
+        return ParallelLMHead(embedding, comm), None
+    table = VocabParallelEmbedding(embedding.vocab_size, embedding.in_features, fmt, tp, comm)
+    return ParallelLMHead(table, comm), table

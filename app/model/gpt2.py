@@ -15,7 +15,7 @@ from torch import nn
 
 from app.layers.activation import activation
 from app.layers.attention import AttentionMetadata, paged_attention
-from app.layers.embedding import ParallelLMHead, PositionEmbedding, VocabParallelEmbedding
+from app.layers.embedding import PositionEmbedding, VocabParallelEmbedding, lm_head_for
 from app.layers.linear import ColumnParallelLinear, Reader, RowParallelLinear, Shard
 from app.layers.norm import LayerNorm
 from app.layers.parallel import Comm, TPContext, head_split
@@ -99,12 +99,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wpe = PositionEmbedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, tp, comm, fmt) for _ in range(cfg.num_layers))
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        if cfg.tie_word_embeddings:
-            self.lm_head_table = None
-            self.lm_head = ParallelLMHead(self.wte, comm)
-        else:
-            self.lm_head_table = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
-            self.lm_head = ParallelLMHead(self.lm_head_table, comm)
+        self.lm_head, self.lm_head_table = lm_head_for(self.wte, cfg.tie_word_embeddings, fmt, tp, comm)
 
     def forward(
         self,

@@ -15,7 +15,7 @@ from torch import nn
 
 from app.layers.activation import activation
 from app.layers.attention import AttentionMetadata, paged_attention
-from app.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from app.layers.embedding import VocabParallelEmbedding, lm_head_for
 from app.layers.linear import ColumnParallelLinear, Reader, RowParallelLinear, Shard
 from app.layers.norm import RMSNorm
 from app.layers.parallel import Comm, TPContext, head_split
@@ -100,12 +100,9 @@ class LlamaForCausalLM(nn.Module):
             LlamaDecoderLayer(cfg, tp, comm, fmt, rope) for _ in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if cfg.tie_word_embeddings:
-            self.lm_head_table = None
-            self.lm_head = ParallelLMHead(self.embed_tokens, comm)
-        else:
-            self.lm_head_table = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
-            self.lm_head = ParallelLMHead(self.lm_head_table, comm)
+        self.lm_head, self.lm_head_table = lm_head_for(
+            self.embed_tokens, cfg.tie_word_embeddings, fmt, tp, comm
+        )
 
     def forward(
         self,
