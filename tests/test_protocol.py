@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from app.api import errors
 from app.api import protocol as p
+from app.api import responses as r
 from app.api.errors import ContextTooLong, InvalidRequest, from_validation_error
 from app.engine.types import SamplingParams, TokenLogprob
 
@@ -511,15 +512,15 @@ def test_defaulted_max_tokens_is_clipped_to_the_room_left() -> None:
 
 def test_chat_response_validates_as_openai_types() -> None:
     lp = [TokenLogprob(5, "Hi", -0.5, ((5, "Hi", -0.5), (6, "bytes:\\xe2\\x80", -math.inf)))]
-    resp = p.ChatCompletionResponse(
+    resp = r.ChatCompletionResponse(
         model="m",
-        usage=p.UsageInfo.of(3, 1, cached_tokens=2),
+        usage=r.UsageInfo.of(3, 1, cached_tokens=2),
         choices=[
-            p.ChatChoice(
+            r.ChatChoice(
                 index=0,
-                message=p.ChatMessage(content="Hi"),
+                message=r.ChatMessage(content="Hi"),
                 finish_reason="stop",
-                logprobs=p.chat_logprobs(lp),
+                logprobs=r.chat_logprobs(lp),
             )
         ],
     )
@@ -540,10 +541,10 @@ def test_chat_response_validates_as_openai_types() -> None:
 
 
 def test_chat_tool_call_message_keeps_null_content() -> None:
-    msg = p.ChatMessage(
+    msg = r.ChatMessage(
         content=None, tool_calls=[p.ToolCall(id="c", function=p.FunctionCall(name="f", arguments="{}"))]
     )
-    data = json.loads(p.ChatChoice(index=0, message=msg, finish_reason="tool_calls").model_dump_json())
+    data = json.loads(r.ChatChoice(index=0, message=msg, finish_reason="tool_calls").model_dump_json())
     assert data["message"] == {
         "role": "assistant",
         "content": None,
@@ -557,15 +558,15 @@ def test_completion_response_and_logprobs() -> None:
         TokenLogprob(1, " a", -0.1, ((1, " a", -0.1), (2, " b", -2.0), (3, " b", -1.0))),
         TokenLogprob(4, "bc", -0.2),
     ]
-    resp = p.CompletionResponse(
+    resp = r.CompletionResponse(
         model="m",
-        usage=p.UsageInfo.of(2, 2),
+        usage=r.UsageInfo.of(2, 2),
         choices=[
-            p.CompletionChoice(
+            r.CompletionChoice(
                 index=0,
                 text=" abc",
                 finish_reason="length",
-                logprobs=p.completion_logprobs(lp, start_offset=5),
+                logprobs=r.completion_logprobs(lp, start_offset=5),
             )
         ],
     )
@@ -583,10 +584,10 @@ def test_completion_response_and_logprobs() -> None:
 
 
 def test_stream_chunks_validate_as_openai_types() -> None:
-    first = p.ChatCompletionStreamResponse(
+    first = r.ChatCompletionStreamResponse(
         id="chatcmpl-1",
         model="m",
-        choices=[p.ChatStreamChoice(index=0, delta=p.DeltaMessage(role="assistant", content=""))],
+        choices=[r.ChatStreamChoice(index=0, delta=r.DeltaMessage(role="assistant", content=""))],
     )
     data = json.loads(first.model_dump_json())
     assert data["choices"][0] == {
@@ -597,27 +598,27 @@ def test_stream_chunks_validate_as_openai_types() -> None:
     }
     assert "usage" not in data
     ChatCompletionChunk.model_validate(data)
-    last = p.ChatCompletionStreamResponse(id="chatcmpl-1", model="m", choices=[], usage=p.UsageInfo.of(1, 2))
+    last = r.ChatCompletionStreamResponse(id="chatcmpl-1", model="m", choices=[], usage=r.UsageInfo.of(1, 2))
     assert ChatCompletionChunk.model_validate_json(last.model_dump_json()).usage.completion_tokens == 2  # type: ignore[union-attr]
     # openai's Completion (also its stream chunk type) types finish_reason as non-null; its stream parser
     # does not validate, so mid-stream nulls are fine (tests/test_sse.py), and final chunks validate:
-    comp = p.CompletionStreamResponse(
-        id="cmpl-1", model="m", choices=[p.CompletionChoice(index=1, text="x", finish_reason="stop")]
+    comp = r.CompletionStreamResponse(
+        id="cmpl-1", model="m", choices=[r.CompletionChoice(index=1, text="x", finish_reason="stop")]
     )
     Completion.model_validate_json(comp.model_dump_json())
 
 
 def test_model_list_and_tokenize_shapes() -> None:
-    data = json.loads(p.ModelList(data=[p.ModelCard(id="smol", max_model_len=2048)]).model_dump_json())
+    data = json.loads(r.ModelList(data=[r.ModelCard(id="smol", max_model_len=2048)]).model_dump_json())
     assert data["object"] == "list" and data["data"][0]["object"] == "model"
     model = Model.model_validate(data["data"][0])
     assert model.id == "smol" and data["data"][0]["max_model_len"] == 2048
-    assert json.loads(p.TokenizeResponse(count=2, max_model_len=8, tokens=[1, 2]).model_dump_json()) == {
+    assert json.loads(r.TokenizeResponse(count=2, max_model_len=8, tokens=[1, 2]).model_dump_json()) == {
         "count": 2,
         "max_model_len": 8,
         "tokens": [1, 2],
     }
-    assert p.DetokenizeResponse(prompt="ab").model_dump() == {"prompt": "ab"}
+    assert r.DetokenizeResponse(prompt="ab").model_dump() == {"prompt": "ab"}
 
 
 def test_tokenize_requests() -> None:
@@ -630,9 +631,9 @@ def test_tokenize_requests() -> None:
 
 
 def test_token_bytes() -> None:
-    assert p.token_bytes("é") == [0xC3, 0xA9]
-    assert p.token_bytes("bytes:\\xc3") == [0xC3]
-    assert p.token_bytes("bytes: literal") == list(b"bytes: literal")
+    assert r.token_bytes("é") == [0xC3, 0xA9]
+    assert r.token_bytes("bytes:\\xc3") == [0xC3]
+    assert r.token_bytes("bytes: literal") == list(b"bytes: literal")
 
 
 # ---- errors: OpenAI error objects, statuses, and the FastAPI handlers -----------------------------

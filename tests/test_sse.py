@@ -13,20 +13,20 @@ import openai
 import pytest
 from starlette.responses import StreamingResponse
 
-from app.api import protocol as p
+from app.api import responses as r
 from app.api import sse
 from app.api.errors import INTERNAL_ERROR_MESSAGE, EngineFailed, QueueFull
 
 
 def chunk(
     content: str | None = None, *, role: bool = False, finish: str | None = None
-) -> p.ChatCompletionStreamResponse:
-    delta = p.DeltaMessage(role="assistant" if role else None, content=content)
-    return p.ChatCompletionStreamResponse(
+) -> r.ChatCompletionStreamResponse:
+    delta = r.DeltaMessage(role="assistant" if role else None, content=content)
+    return r.ChatCompletionStreamResponse(
         id="chatcmpl-abc",
         created=1700000000,
         model="smol",
-        choices=[p.ChatStreamChoice(index=0, delta=delta, finish_reason=finish)],
+        choices=[r.ChatStreamChoice(index=0, delta=delta, finish_reason=finish)],
     )  # type: ignore[arg-type]
 
 
@@ -262,8 +262,8 @@ def test_openai_client_reads_chat_stream() -> None:
         chunk("Bonjour"),
         chunk(" à\ntous"),
         chunk(None, finish="stop"),
-        p.ChatCompletionStreamResponse(
-            id="chatcmpl-abc", model="smol", choices=[], usage=p.UsageInfo.of(5, 3)
+        r.ChatCompletionStreamResponse(
+            id="chatcmpl-abc", model="smol", choices=[], usage=r.UsageInfo.of(5, 3)
         ),
     ]
     client = openai_client(stream_bytes([sse.encode_event(f) for f in frames]))
@@ -284,8 +284,8 @@ def test_openai_client_reads_chat_stream() -> None:
 
 def test_openai_client_reads_completion_stream_with_our_finish_reasons() -> None:
     frames = [
-        p.CompletionStreamResponse(
-            id="cmpl-1", model="smol", choices=[p.CompletionChoice(index=i % 2, text=t, finish_reason=f)]
+        r.CompletionStreamResponse(
+            id="cmpl-1", model="smol", choices=[r.CompletionChoice(index=i % 2, text=t, finish_reason=f)]
         )  # type: ignore[arg-type]
         for i, (t, f) in enumerate([("a", None), ("b", None), ("", "timeout"), ("", "length")])
     ]

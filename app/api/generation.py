@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.api import protocol as p
+from app.api import responses as r
 from app.api.backpressure import Ticket
 from app.api.deps import AccessRecord
 from app.api.errors import EngineFailed, InvalidRequest, ServiceUnavailable
@@ -210,34 +211,34 @@ class Tally:
             self.record.finish_reason = out.finish_reason.value
         return index
 
-    def usage(self) -> p.UsageInfo:
-        return p.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), sum(self.cached))
+    def usage(self) -> r.UsageInfo:
+        return r.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), sum(self.cached))
 
 
 async def chat_stream(
     prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
 ) -> AsyncIterator[bytes]:
-    def chunk(choices: list[p.ChatStreamChoice], usage: p.UsageInfo | None = None) -> bytes:
+    def chunk(choices: list[r.ChatStreamChoice], usage: r.UsageInfo | None = None) -> bytes:
         return encode_event(
-            p.ChatCompletionStreamResponse(
+            r.ChatCompletionStreamResponse(
                 id=prep.response_id, created=prep.created, model=prep.model, choices=choices, usage=usage
             )
         )
 
     for i in range(prep.num_choices):  # the role first, as OpenAI does, before any token exists
-        delta = p.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
-        yield chunk([p.ChatStreamChoice(index=i, delta=delta)])
+        delta = r.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
+        yield chunk([r.ChatStreamChoice(index=i, delta=delta)])
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
-            lp = p.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
+            lp = r.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
             if out.text or lp is not None:
                 yield chunk(
-                    [p.ChatStreamChoice(index=i, delta=p.DeltaMessage(content=out.text), logprobs=lp)]
+                    [r.ChatStreamChoice(index=i, delta=r.DeltaMessage(content=out.text), logprobs=lp)]
                 )
             if out.finish_reason is not None:
                 reason = out.finish_reason.value
-                yield chunk([p.ChatStreamChoice(index=i, delta=p.DeltaMessage(), finish_reason=reason)])
+                yield chunk([r.ChatStreamChoice(index=i, delta=r.DeltaMessage(), finish_reason=reason)])
     if prep.include_usage:
         yield chunk([], tally.usage())
 
@@ -245,9 +246,9 @@ async def chat_stream(
 async def completion_stream(
     prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
 ) -> AsyncIterator[bytes]:
-    def chunk(choices: list[p.CompletionChoice], usage: p.UsageInfo | None = None) -> bytes:
+    def chunk(choices: list[r.CompletionChoice], usage: r.UsageInfo | None = None) -> bytes:
         return encode_event(
-            p.CompletionStreamResponse(
+            r.CompletionStreamResponse(
                 id=prep.response_id, created=prep.created, model=prep.model, choices=choices, usage=usage
             )
         )
@@ -255,25 +256,25 @@ async def completion_stream(
     offsets = [len(prep.echo[i // prep.n]) for i in range(prep.num_choices)]  # logprobs' text_offset
     for i in range(prep.num_choices):
         if prep.echo[i // prep.n]:
-            yield chunk([p.CompletionChoice(index=i, text=prep.echo[i // prep.n])])
+            yield chunk([r.CompletionChoice(index=i, text=prep.echo[i // prep.n])])
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
             lp = None
             if prep.logprobs and out.logprobs:
-                lp = p.completion_logprobs(out.logprobs, offsets[i])
+                lp = r.completion_logprobs(out.logprobs, offsets[i])
                 offsets[i] += sum(len(t.token) for t in out.logprobs)
             if out.text or lp is not None:
-                yield chunk([p.CompletionChoice(index=i, text=out.text, logprobs=lp)])
+                yield chunk([r.CompletionChoice(index=i, text=out.text, logprobs=lp)])
             if out.finish_reason is not None:
-                yield chunk([p.CompletionChoice(index=i, text="", finish_reason=out.finish_reason.value)])
+                yield chunk([r.CompletionChoice(index=i, text="", finish_reason=out.finish_reason.value)])
     if prep.include_usage:
         yield chunk([], tally.usage())
 
 
 async def collect(
     prep: Prepared, outputs: AsyncIterator[tuple[int, RequestOutput]], tally: Tally
-) -> p.ChatCompletionResponse | p.CompletionResponse:
+) -> r.ChatCompletionResponse | r.CompletionResponse:
     texts: list[list[str]] = [[prep.echo[i // prep.n]] for i in range(prep.num_choices)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(prep.num_choices)]
     finish: list[str | None] = [None] * prep.num_choices
@@ -287,27 +288,27 @@ async def collect(
     usage = tally.usage()
     common: dict[str, Any] = {"id": prep.response_id, "created": prep.created, "model": prep.model}
     if prep.kind == "chat":
-        return p.ChatCompletionResponse(
+        return r.ChatCompletionResponse(
             **common,
             usage=usage,
             choices=[
-                p.ChatChoice(
+                r.ChatChoice(
                     index=i,
-                    message=p.ChatMessage(content="".join(texts[i])),
-                    logprobs=p.chat_logprobs(logprobs[i]) if prep.logprobs else None,
+                    message=r.ChatMessage(content="".join(texts[i])),
+                    logprobs=r.chat_logprobs(logprobs[i]) if prep.logprobs else None,
                     finish_reason=finish[i],  # type: ignore[arg-type]
                 )
                 for i in range(prep.num_choices)
             ],
         )
-    return p.CompletionResponse(
+    return r.CompletionResponse(
         **common,
         usage=usage,
         choices=[
-            p.CompletionChoice(
+            r.CompletionChoice(
                 index=i,
                 text="".join(texts[i]),
-                logprobs=p.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
+                logprobs=r.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
                 finish_reason=finish[i],  # type: ignore[arg-type]
             )
             for i in range(prep.num_choices)

@@ -1,4 +1,5 @@
-"""OpenAI request and response schemas (pydantic v2), their limits, and their SamplingParams.
+"""OpenAI request schemas (pydantic v2), their limits, and their SamplingParams (responses.py has
+the response shapes).
 
 Requests are strict (a string is not a number), ignore unknown fields (clients send fields we do
 not know), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
@@ -8,29 +9,25 @@ route has tokenized the prompt.
 
 from __future__ import annotations
 
-import math
 import re
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     SkipValidation,
     ValidationInfo,
     field_validator,
-    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from app.api.errors import ContextTooLong, InvalidRequest
-from app.engine.types import SamplingParams, TokenLogprob
+from app.engine.types import SamplingParams
 
 MAX_N = 16  # choices per request (and best_of, which must equal n)
 MAX_STOP = 16  # stop strings per request
@@ -47,7 +44,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKEN_ID = 2**31 - 1  # ids beyond the vocabulary are caught by check_against_model
 LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 
-FinishReasonLiteral = Literal["stop", "length", "tool_calls", "timeout", "error"]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 PositiveInt = Annotated[int, Field(ge=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -466,222 +462,3 @@ def check_against_model(
             param="min_tokens",
         )
     return params
-
-
-# ---- responses ------------------------------------------------------------------------------------
-
-
-class _Response(BaseModel):
-    """Omits None fields, as OpenAI does, except the ones OpenAI sends as null (_keep_null)."""
-
-    _keep_null: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        keep = self._keep_null
-        return {k: v for k, v in data.items() if v is not None or k in keep}
-
-
-class PromptTokensDetails(_Response):
-    cached_tokens: int = 0
-
-
-class UsageInfo(_Response):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> UsageInfo:
-        details = None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens)
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=details,
-        )
-
-
-class CompletionLogprobs(_Response):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Response):
-    """A choice of a completion, and of a completion stream chunk (same shape in OpenAI's API)."""
-
-    _keep_null = frozenset({"logprobs", "finish_reason"})
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: FinishReasonLiteral | None = None
-
-
-class CompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: random_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo
-
-
-class CompletionStreamResponse(_Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None  # only on the last chunk, with stream_options.include_usage
-
-
-class ChatLogprobTop(_Response):
-    _keep_null = frozenset({"bytes"})
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatLogprob(ChatLogprobTop):
-    top_logprobs: list[ChatLogprobTop] = Field(default_factory=list)
-
-
-class ChatChoiceLogprobs(_Response):
-    _keep_null = frozenset({"content"})
-    content: list[ChatLogprob] | None = None
-
-
-class ChatMessage(_Response):
-    _keep_null = frozenset({"content"})
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(_Response):
-    _keep_null = frozenset({"logprobs", "finish_reason"})
-    index: int
-    message: ChatMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: FinishReasonLiteral | None = None
-
-
-class ChatCompletionResponse(_Response):
-    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class DeltaFunctionCall(_Response):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(_Response):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunctionCall | None = None
-
-
-class DeltaMessage(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-
-class ChatStreamChoice(_Response):
-    _keep_null = frozenset({"logprobs", "finish_reason"})
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: FinishReasonLiteral | None = None
-
-
-class ChatCompletionStreamResponse(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-
-
-class ModelCard(_Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "shardserve"
-    root: str | None = None
-    parent: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(_Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard] = Field(default_factory=list)
-
-
-class TokenizeResponse(_Response):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
-class DetokenizeResponse(_Response):
-    prompt: str
-
-
-# ---- engine logprobs -> OpenAI shapes -------------------------------------------------------------
-
-
-def safe_logprob(x: float) -> float:
-    return x if math.isfinite(x) else LOGPROB_FLOOR
-
-
-def token_bytes(token: str) -> list[int]:
-    """UTF-8 bytes of a token's text; texts like "bytes:\\xe2\\x80" (a partial character) decode back."""
-    if token.startswith("bytes:") and re.fullmatch(r"(\\x[0-9a-fA-F]{2})+", token[6:]):
-        return list(bytes.fromhex(token[6:].replace("\\x", "")))
-    return list(token.encode("utf-8"))
-
-
-def completion_logprobs(logprobs: Sequence[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
-    """The completions API's parallel lists; text_offset counts characters from start_offset."""
-    out = CompletionLogprobs()
-    offset = start_offset
-    for lp in logprobs:
-        top: dict[str, float] = {}
-        for _, text, value in lp.top:  # distinct ids may share a text: keep the likelier
-            top[text] = max(top.get(text, LOGPROB_FLOOR), safe_logprob(value))
-        out.tokens.append(lp.token)
-        out.token_logprobs.append(safe_logprob(lp.logprob))
-        out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(lp.token)
-    return out
-
-
-def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
-    return ChatChoiceLogprobs(
-        content=[
-            ChatLogprob(
-                token=lp.token,
-                logprob=safe_logprob(lp.logprob),
-                bytes=token_bytes(lp.token),
-                top_logprobs=[
-                    ChatLogprobTop(token=t, logprob=safe_logprob(v), bytes=token_bytes(t))
-                    for _, t, v in lp.top
-                ],
-            )
-            for lp in logprobs
-        ]
-    )

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from app.api import protocol as p
+from app.api import responses as r
 from app.api import sse
 from app.api.backpressure import Admission, Ticket
 from app.api.deps import AccessRecord, AdmissionDep, Authorized, ClientDep, RecordDep, RuntimeDep, StateDep
@@ -147,7 +148,7 @@ async def _generate(
     return _json(response)
 
 
-@api.post("/v1/chat/completions", response_model=None, responses={200: {"model": p.ChatCompletionResponse}})
+@api.post("/v1/chat/completions", response_model=None, responses={200: {"model": r.ChatCompletionResponse}})
 async def chat_completions(
     body: p.ChatCompletionRequest,
     request: Request,
@@ -161,7 +162,7 @@ async def chat_completions(
     return await _generate(prep, request, runtime, client, admission, record)
 
 
-@api.post("/v1/completions", response_model=None, responses={200: {"model": p.CompletionResponse}})
+@api.post("/v1/completions", response_model=None, responses={200: {"model": r.CompletionResponse}})
 async def completions(
     body: p.CompletionRequest,
     request: Request,
@@ -178,13 +179,13 @@ async def completions(
 # ---- models and tokens -------------------------------------------------------------------------
 
 
-@api.get("/v1/models", response_model=p.ModelList)
+@api.get("/v1/models", response_model=r.ModelList)
 async def list_models(runtime: RuntimeDep) -> Response:
-    card = p.ModelCard(id=runtime.model_name, root=runtime.model_name, max_model_len=runtime.max_model_len)
-    return _json(p.ModelList(data=[card]))
+    card = r.ModelCard(id=runtime.model_name, root=runtime.model_name, max_model_len=runtime.max_model_len)
+    return _json(r.ModelList(data=[card]))
 
 
-@api.post("/tokenize", response_model=p.TokenizeResponse)
+@api.post("/tokenize", response_model=r.TokenizeResponse)
 async def tokenize(body: p.TokenizeRequest, runtime: RuntimeDep) -> Response:
     _check_model(body.model, runtime)
     tok = runtime.tokenizer
@@ -203,11 +204,11 @@ async def tokenize(body: p.TokenizeRequest, runtime: RuntimeDep) -> Response:
         ids = tok.encode(body.prompt or "", add_special_tokens=add)
     strs = [tok.token_text(i) for i in ids] if body.return_token_strs else None
     return _json(
-        p.TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
+        r.TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
     )
 
 
-@api.post("/detokenize", response_model=p.DetokenizeResponse)
+@api.post("/detokenize", response_model=r.DetokenizeResponse)
 async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response:
     _check_model(body.model, runtime)
     tok = runtime.tokenizer
@@ -217,7 +218,7 @@ async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response
             f"Token id {max(body.tokens)} is outside the vocabulary (ids must be below {vocab}).",
             param="tokens",
         )
-    return _json(p.DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False)))
+    return _json(r.DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False)))
 
 
 # ---- probes, metrics, the playground -----------------------------------------------------------
