@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
-from app.layers.quant import Int8WeightOnlyCPU, WeightFormat, weight_format
+from app.layers.quant import Int8BitsAndBytes, Int8WeightOnlyCPU, WeightFormat, weight_format
 from app.model.loader import read_config
 from app.model.registry_names import ensure_model
 from app.settings import Settings
@@ -46,6 +46,12 @@ class Int8DequantFP32(Int8WeightOnlyCPU):
         return torch.nn.functional.linear(x, w)
 
 
+class BitsAndBytesCPU(Int8BitsAndBytes):
+    """Candidate: bitsandbytes' LLM.int8 (threshold 0) through its CPU backend."""
+
+    name = "int8 bitsandbytes (CPU backend)"
+
+
 def _median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
     fn()
     times = []
@@ -61,6 +67,7 @@ def linear_table(config, batches: list[int], repeat: int) -> list[dict]:  # type
     shapes = [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * i, h), (h, i)]
     formats: list[WeightFormat] = [
         weight_format("fp32"), weight_format("bf16"), weight_format("int8"), Int8DequantFP32(),
+        BitsAndBytesCPU(),
     ]  # fmt: skip
     rows = []
     for fmt in formats:
