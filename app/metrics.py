@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.engine.engine import StepStats
@@ -94,8 +94,6 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
             ("preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks."),
         ):
-            from prometheus_client.core import CounterMetricFamily
-
             yield CounterMetricFamily(
                 P + name.removesuffix("_total"), help_text, value=s.extra.get(name, 0.0)
             )

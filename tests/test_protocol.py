@@ -25,6 +25,7 @@ from app.api import errors
 from app.api import protocol as p
 from app.api import responses as r
 from app.api.errors import ContextTooLong, InvalidRequest, from_validation_error
+from app.api.model_check import check_against_model
 from app.engine.types import SamplingParams, TokenLogprob
 
 PROMPT = {"prompt": "hello"}
@@ -457,7 +458,7 @@ def test_to_sampling_params_rejections() -> None:
 
 
 def check(params: SamplingParams, prompt_len: int, **kw: object) -> SamplingParams:
-    return p.check_against_model(params, prompt_len, vocab_size=100, max_model_len=64, **kw)  # type: ignore[arg-type]
+    return check_against_model(params, prompt_len, vocab_size=100, max_model_len=64, **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -687,7 +688,7 @@ def make_app() -> FastAPI:
         params = req.to_sampling_params(default_max_tokens=64, generation_defaults={})
         for prompt in prompts:
             ids = prompt if isinstance(prompt, list) else list(range(len(prompt.split())))
-            p.check_against_model(
+            check_against_model(
                 params,
                 len(ids),
                 vocab_size=1000,

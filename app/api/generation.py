@@ -18,6 +18,7 @@ from app.api import responses as r
 from app.api.backpressure import Ticket
 from app.api.deps import AccessRecord
 from app.api.errors import EngineFailed, InvalidRequest, ServiceUnavailable
+from app.api.model_check import check_against_model
 from app.api.sse import encode_event
 from app.chat_template import ChatTemplateError
 from app.engine.client import EngineClient
@@ -81,7 +82,7 @@ def _prepare(
     response_id = p.random_id("chatcmpl" if kind == "chat" else "cmpl")
     requests = []
     for i, ids in enumerate(prompts):
-        params = p.check_against_model(
+        params = check_against_model(
             base,
             len(ids),
             vocab_size=vocab,
