@@ -57,6 +57,9 @@ bench: model
 	$(VENV)/bin/shardserve bench engine $(if $(QUICK),--concurrency 16) \
 	  --json $(BENCH_RESULTS)/engine.json > $(BENCH_RESULTS)/engine.md
 	@cat $(BENCH_RESULTS)/engine.md
+	$(VENV)/bin/shardserve bench structured $(if $(QUICK),--concurrency 16 --output-len 64) \
+	  --json $(BENCH_RESULTS)/structured.json > $(BENCH_RESULTS)/structured.md
+	@cat $(BENCH_RESULTS)/structured.md
 	$(VENV)/bin/shardserve bench report --peers $(PEERS) $(if $(QUICK),--quick)
 
 lint: install

@@ -19,6 +19,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -92,6 +93,7 @@ class _Compiled:
     template: jinja2.Template
     knows_developer: bool  # the source mentions the role, so it gets it unchanged
     iterates_content: bool  # the template loops over message content, i.e. takes a list of parts
+    knows_tools: bool  # the template reads `tools`: it renders the tool list itself
 
 
 @lru_cache(maxsize=16)
@@ -110,7 +112,8 @@ def compile_template(source: str) -> _Compiled:
         template = env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template does not compile: line {e.lineno}: {e.message}") from e
-    return _Compiled(template, "developer" in source, _iterates_content(ast))
+    knows_tools = "tools" in jinja2.meta.find_undeclared_variables(ast)
+    return _Compiled(template, "developer" in source, _iterates_content(ast), knows_tools)
 
 
 def _iterates_content(ast: jinja2.nodes.Template) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from app.bench import TARGETS
 from app.engine.engine import ExecutorFailure
 from app.settings import Settings
 
@@ -102,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_options(p, ("home", "model", "device", "max_model_len", "max_num_seqs", "block_size"))
 
-    p = sub.add_parser("bench", help="benchmarks: serve, engine, kernels; report (make bench), peers")
-    p.add_argument("target", choices=("serve", "engine", "kernels", "report", "peers"))
+    p = sub.add_parser(
+        "bench", help="benchmarks: serve, engine, kernels, structured; report (make bench), peers"
+    )
+    p.add_argument("target", choices=TARGETS)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

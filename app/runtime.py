@@ -13,6 +13,7 @@ from pathlib import Path
 from app.detokenizer import IncrementalDetokenizer
 from app.device import Device
 from app.engine.engine import Engine, EngineHooks, StepStats
+from app.engine.grammar import GrammarCompiler
 from app.engine.scheduler import SchedulerConfig
 from app.engine.types import RequestOutput
 from app.metrics import Metrics
@@ -40,6 +41,7 @@ class Runtime:
     num_blocks: int
     pool: WorkerPool
     engine: Engine
+    grammars: GrammarCompiler
     ranks: list[RankReady] = field(default_factory=list)
     restarts: int = 0
     max_restarts: int = 3
@@ -173,6 +175,7 @@ def build_runtime(
         block_size=settings.block_size,
     )
     name = settings.served_model_name or (settings.model if "/" not in settings.model else model_path.stem)
+    grammars = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
     runtime = Runtime(
         settings,
         model_path,
@@ -184,6 +187,7 @@ def build_runtime(
         num_blocks,
         pool,
         engine=None,  # type: ignore[arg-type]
+        grammars=grammars,
     )
     runtime.metrics = metrics
     runtime.engine = Engine(
@@ -194,6 +198,7 @@ def build_runtime(
         detokenizer_factory=IncrementalDetokenizer,
         hooks=EngineHooks(on_outputs=on_outputs, on_step=on_step, on_failure=runtime.restart_pool),
         enable_prefix_caching=settings.enable_prefix_caching,
+        grammars=grammars,
     )
     if metrics is not None:
         metrics.bind_engine(runtime.engine.stats)

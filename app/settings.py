@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         None, description="rendezvous address tcp://HOST:PORT for ranks on other machines"
     )
     chat_template: str | None = Field(None, description="chat template file overriding the model's")
+    tool_call_parser: Literal["hermes"] = Field(
+        "hermes", description="how the model writes tool calls (read back into tool_calls)"
+    )
     seed: int = Field(0, description="seed of unseeded sampling")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")

@@ -221,6 +221,10 @@ class Tokenizer:
         """A SentencePiece ``<0xAB>`` token: its text depends on the byte tokens next to it."""
         return token_id in self._byte_pieces
 
+    def backend_json(self) -> str:
+        """The tokenizers-library JSON of this vocabulary (what llguidance builds its token trie from)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of ``text``; special tokens written in it are parsed as such, BOS added if the model says."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -258,6 +262,11 @@ class Tokenizer:
         return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     # ---- chat ---------------------------------------------------------------------------------
+
+    def template_knows_tools(self) -> bool:
+        """Whether the chat template used with tools renders them itself (reads its `tools` variable)."""
+        source = self._templates.get("tool_use") or self._templates.get("default")
+        return source is not None and compile_template(source).knows_tools
 
     def apply_chat_template(
         self,

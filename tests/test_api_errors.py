@@ -129,7 +129,10 @@ def test_context_too_long_names_the_numbers(h, engine_calls) -> None:
         ),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}},
+            "response_format",
+        ),
     ],
 )
 def test_invalid_requests_are_400s_naming_the_parameter(h, engine_calls, body: dict, param: str) -> None:

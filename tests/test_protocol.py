@@ -448,10 +448,6 @@ def test_to_sampling_params_rejections() -> None:
     with pytest.raises(InvalidRequest) as info:
         req.to_sampling_params(default_max_tokens=9, generation_defaults={})
     assert info.value.param == "min_tokens"
-    chat = p.ChatCompletionRequest.model_validate({**MSGS, "response_format": {"type": "json_object"}})
-    with pytest.raises(InvalidRequest) as info:
-        chat.to_sampling_params(default_max_tokens=9, generation_defaults={})
-    assert info.value.param == "response_format"
 
 
 # ---- check_against_model ----------------------------------------------------------------------------

@@ -20,9 +20,12 @@ from app.api.deps import AccessRecord
 from app.api.errors import EngineFailed, InvalidRequest, ServiceUnavailable
 from app.api.model_check import check_against_model
 from app.api.sse import encode_event
+from app.api.tool_parsers import PARSERS, CallEvent, ContentEvent, Event, ToolCallParser
+from app.api.tools import inject_tools, offered_tools, tool_grammar
 from app.chat_template import ChatTemplateError
 from app.engine.client import EngineClient
-from app.engine.types import FinishReason, GenerateRequest, RequestOutput, TokenLogprob
+from app.engine.grammar import GrammarError
+from app.engine.types import FinishReason, GenerateRequest, GrammarSpec, RequestOutput, TokenLogprob
 from app.runtime import Runtime
 
 CUT_SHORT = "The server is shutting down; the request was cut short."
@@ -47,6 +50,7 @@ class Prepared:
     logprobs: bool
     stream: bool
     include_usage: bool
+    tool_parser: str | None = None  # chat with tools offered: the format tool calls are read back from
 
     @property
     def num_choices(self) -> int:
@@ -71,6 +75,8 @@ def _prepare(
     *,
     pretokenized: bool,
     now: float,
+    grammar: tuple[GrammarSpec, str] | None = None,
+    tool_parser: str | None = None,
 ) -> Prepared:
     tok = runtime.tokenizer
     default_max = runtime.max_model_len if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -79,6 +85,13 @@ def _prepare(
     )
     vocab = min(tok.vocab_size, runtime.config.vocab_size)  # ids must embed and decode
     deadline = _deadline(body, runtime.settings.request_timeout, now)
+    spec = None
+    if grammar is not None:
+        spec, param = grammar
+        try:
+            runtime.grammars.check(spec)  # compiled once here; the engine takes it from the cache
+        except GrammarError as e:
+            raise InvalidRequest(f"Invalid {param}: {e}", param=param) from None
     response_id = p.random_id("chatcmpl" if kind == "chat" else "cmpl")
     requests = []
     for i, ids in enumerate(prompts):
@@ -92,11 +105,11 @@ def _prepare(
             noun="messages" if kind == "chat" else "prompt",
         )
         rid = response_id if len(prompts) == 1 else f"{response_id}-{i}"
-        requests.append(GenerateRequest(rid, tuple(ids), params, now, body.priority, deadline))
+        requests.append(GenerateRequest(rid, tuple(ids), params, now, body.priority, deadline, spec))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return Prepared(
         kind, response_id, runtime.model_name, int(time.time()), tuple(requests), tuple(echo),
-        body.n, base.logprobs is not None, body.stream, include_usage,
+        body.n, base.logprobs is not None, body.stream, include_usage, tool_parser,
     )  # fmt: skip
 
 
@@ -107,17 +120,34 @@ def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def prepare_chat(body: p.ChatCompletionRequest, runtime: Runtime, now: float) -> Prepared:
     tok = runtime.tokenizer
     extra = template_kwargs(body.chat_template_kwargs)
-    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    tools = offered_tools(body)
+    grammar = body.grammar_spec()
+    call_grammar = tool_grammar(body, tools)
+    if call_grammar is not None:
+        if grammar is not None:
+            raise InvalidRequest(
+                f"tool_choice {body.tool_choice!r} cannot be combined with {grammar[1]}.", param=grammar[1]
+            )
+        grammar = (call_grammar, "tools")
+    messages = body.template_messages()
+    template_tools = None
+    if tok.template_knows_tools():
+        template_tools = [t.model_dump(exclude_none=True) for t in tools] or None
+    else:
+        messages = inject_tools(messages, tools)
     try:
         text = tok.apply_chat_template(
-            body.template_messages(), add_generation_prompt=body.add_generation_prompt, tools=tools, **extra
+            messages, add_generation_prompt=body.add_generation_prompt, tools=template_tools, **extra
         )
     except ChatTemplateError as e:
         raise InvalidRequest(f"{str(e)[:300]}.", param="messages") from None
     ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
     last = body.messages[-1]
     echo = last.text() if body.echo and last.role == "assistant" else ""
-    return _prepare("chat", body, runtime, [ids], [echo], pretokenized=False, now=now)
+    parser = runtime.settings.tool_call_parser if tools else None
+    return _prepare(
+        "chat", body, runtime, [ids], [echo], pretokenized=False, now=now, grammar=grammar, tool_parser=parser
+    )
 
 
 def prepare_completion(body: p.CompletionRequest, runtime: Runtime, now: float) -> Prepared:
@@ -131,7 +161,16 @@ def prepare_completion(body: p.CompletionRequest, runtime: Runtime, now: float) 
             echo.append(prompt if isinstance(prompt, str) else _decode_prompt(tok, ids))
         else:
             echo.append("")
-    return _prepare("completion", body, runtime, prompts, echo, pretokenized=pretokenized, now=now)
+    return _prepare(
+        "completion",
+        body,
+        runtime,
+        prompts,
+        echo,
+        pretokenized=pretokenized,
+        now=now,
+        grammar=body.grammar_spec(),
+    )
 
 
 def _decode_prompt(tok: Any, ids: Sequence[int]) -> str:
@@ -192,7 +231,7 @@ class Tally:
         """The choice index of out; raises for outputs that end the whole request."""
         if out.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
             self.record.finish_reason = out.finish_reason.value
-        if out.finish_reason is FinishReason.ERROR:
+        if out.finish_reason is FinishReason.ERROR and not out.choice_error:
             raise EngineFailed(f"The request failed: {out.error or 'the worker ranks failed'}.")
         if out.finish_reason is FinishReason.ABORT:  # only the drain aborts a request someone listens to
             raise ServiceUnavailable(CUT_SHORT)
@@ -229,17 +268,32 @@ async def chat_stream(
     for i in range(prep.num_choices):  # the role first, as OpenAI does, before any token exists
         delta = r.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
         yield chunk([r.ChatStreamChoice(index=i, delta=delta)])
+    parsers = [_tool_parser(prep) for _ in range(prep.num_choices)]
+    called = [False] * prep.num_choices
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
             lp = r.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
-            if out.text or lp is not None:
-                yield chunk(
-                    [r.ChatStreamChoice(index=i, delta=r.DeltaMessage(content=out.text), logprobs=lp)]
+            parser = parsers[i]
+            if parser is None:
+                if out.text or lp is not None:
+                    yield chunk(
+                        [r.ChatStreamChoice(index=i, delta=r.DeltaMessage(content=out.text), logprobs=lp)]
+                    )
+            else:  # text inside a tool call is held until the call is whole, logprobs are not
+                events = parser.feed(out.text) + (parser.finish() if out.finish_reason is not None else [])
+                called[i] = called[i] or any(isinstance(e, CallEvent) for e in events)
+                deltas = [d for e in events for d in _deltas(e)] or (
+                    [r.DeltaMessage()] if lp is not None else []
                 )
+                for j, delta in enumerate(deltas):
+                    yield chunk([r.ChatStreamChoice(index=i, delta=delta, logprobs=lp if j == 0 else None)])
             if out.finish_reason is not None:
-                reason = out.finish_reason.value
-                yield chunk([r.ChatStreamChoice(index=i, delta=r.DeltaMessage(), finish_reason=reason)])
+                reason = _finish_reason(out, called[i])
+                end = r.ChatStreamChoice(
+                    index=i, delta=r.DeltaMessage(), finish_reason=reason, error=_choice_error(out)
+                )
+                yield chunk([end])
     if prep.include_usage:
         yield chunk([], tally.usage())
 
@@ -268,7 +322,10 @@ async def completion_stream(
             if out.text or lp is not None:
                 yield chunk([r.CompletionChoice(index=i, text=out.text, logprobs=lp)])
             if out.finish_reason is not None:
-                yield chunk([r.CompletionChoice(index=i, text="", finish_reason=out.finish_reason.value)])
+                reason = out.finish_reason.value
+                yield chunk(
+                    [r.CompletionChoice(index=i, text="", finish_reason=reason, error=_choice_error(out))]
+                )
     if prep.include_usage:
         yield chunk([], tally.usage())
 
@@ -278,14 +335,14 @@ async def collect(
 ) -> r.ChatCompletionResponse | r.CompletionResponse:
     texts: list[list[str]] = [[prep.echo[i // prep.n]] for i in range(prep.num_choices)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(prep.num_choices)]
-    finish: list[str | None] = [None] * prep.num_choices
+    ends: list[RequestOutput | None] = [None] * prep.num_choices
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
             texts[i].append(out.text)
             logprobs[i].extend(out.logprobs)
             if out.finish_reason is not None:
-                finish[i] = out.finish_reason.value
+                ends[i] = out
     usage = tally.usage()
     common: dict[str, Any] = {"id": prep.response_id, "created": prep.created, "model": prep.model}
     if prep.kind == "chat":
@@ -293,12 +350,7 @@ async def collect(
             **common,
             usage=usage,
             choices=[
-                r.ChatChoice(
-                    index=i,
-                    message=r.ChatMessage(content="".join(texts[i])),
-                    logprobs=r.chat_logprobs(logprobs[i]) if prep.logprobs else None,
-                    finish_reason=finish[i],  # type: ignore[arg-type]
-                )
+                _chat_choice(prep, i, "".join(texts[i]), logprobs[i], ends[i])
                 for i in range(prep.num_choices)
             ],
         )
@@ -310,8 +362,66 @@ async def collect(
                 index=i,
                 text="".join(texts[i]),
                 logprobs=r.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
-                finish_reason=finish[i],  # type: ignore[arg-type]
+                finish_reason=ends[i].finish_reason.value if ends[i] else None,  # type: ignore[union-attr]
+                error=_choice_error(ends[i]),
             )
             for i in range(prep.num_choices)
         ],
+    )
+
+
+def _tool_parser(prep: Prepared) -> ToolCallParser | None:
+    return PARSERS[prep.tool_parser]() if prep.tool_parser is not None else None
+
+
+def _choice_error(out: RequestOutput | None) -> str | None:
+    return out.error if out is not None and out.choice_error else None
+
+
+def _finish_reason(out: RequestOutput, called: bool) -> str:
+    """A choice that ended of itself after a tool call asks for the call: OpenAI's "tool_calls"."""
+    assert out.finish_reason is not None
+    return (
+        FinishReason.TOOL_CALLS.value
+        if called and out.finish_reason is FinishReason.STOP
+        else out.finish_reason.value
+    )
+
+
+def _deltas(event: Event) -> list[r.DeltaMessage]:
+    """Content as it is; a tool call as OpenAI streams one: id, type and name first, then arguments."""
+    if isinstance(event, ContentEvent):
+        return [r.DeltaMessage(content=event.text)]
+    head = r.DeltaToolCall(
+        index=event.index,
+        id=event.id,
+        type="function",
+        function=r.DeltaFunctionCall(name=event.name, arguments=""),
+    )
+    args = r.DeltaToolCall(index=event.index, function=r.DeltaFunctionCall(arguments=event.arguments))
+    return [r.DeltaMessage(tool_calls=[head]), r.DeltaMessage(tool_calls=[args])]
+
+
+def _chat_choice(
+    prep: Prepared, i: int, text: str, logprobs: list[TokenLogprob], end: RequestOutput | None
+) -> r.ChatChoice:
+    content: str | None = text
+    calls: list[p.ToolCall] = []
+    parser = _tool_parser(prep)
+    if parser is not None:
+        events = parser.feed(text) + parser.finish()
+        content = "".join(e.text for e in events if isinstance(e, ContentEvent))
+        calls = [
+            p.ToolCall(id=e.id, function=p.FunctionCall(name=e.name, arguments=e.arguments))
+            for e in events
+            if isinstance(e, CallEvent)
+        ]
+        if calls and not content.strip():
+            content = None  # as OpenAI: a reply that only calls tools has null content
+    return r.ChatChoice(
+        index=i,
+        message=r.ChatMessage(content=content, tool_calls=calls or None),
+        logprobs=r.chat_logprobs(logprobs) if prep.logprobs else None,
+        finish_reason=_finish_reason(end, bool(calls)) if end is not None else None,  # type: ignore[arg-type]
+        error=_choice_error(end),
     )

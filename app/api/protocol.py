@@ -9,6 +9,7 @@ route has tokenized the prompt.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.api.errors import InvalidRequest
-from app.engine.types import SamplingParams
+from app.engine.types import GrammarSpec, SamplingParams
 
 MAX_N = 16  # choices per request (and best_of, which must equal n)
 MAX_STOP = 16  # stop strings per request
@@ -39,6 +40,8 @@ MAX_PROMPTS = 64  # prompts in one completions request
 MAX_PROMPT_TOKEN_IDS = 131072  # token ids in a pre-tokenized prompt (all prompts together)
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOOLS = 128
+MAX_GRAMMAR_CHARS = 100_000  # a JSON schema, regex or grammar; compiling it is bounded by llguidance
+MAX_CHOICES = 256  # guided_choice entries
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKEN_ID = 2**31 - 1  # ids beyond the vocabulary are caught by check_against_model
 LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
@@ -135,6 +138,19 @@ def template_messages(messages: Sequence[ChatMessageParam]) -> list[dict[str, An
     return out
 
 
+class ResponseFormatJsonSchema(_Request):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: ResponseFormatJsonSchema | None = None
+
+
 class _SamplingRequest(_Request):
     """Fields shared by both generation endpoints; order matters to the cross-field validators."""
 
@@ -163,6 +179,14 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     timeout: float | None = Field(None, gt=0.0)  # seconds; the route turns it into a deadline
+    # structured output: OpenAI's response_format, and vLLM's guided_* extras (at most one of them)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES
+    )
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("stream_options")
     @classmethod
@@ -190,6 +214,48 @@ class _SamplingRequest(_Request):
             if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > MAX_TOKEN_ID:
                 raise _bad("logit_bias keys must be token ids (non-negative integers written as strings)")
         return v
+
+    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
+        """The output constraint and the parameter that set it; None for free text."""
+        given = [
+            name
+            for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            if getattr(self, name) is not None
+            and not (name == "response_format" and self.response_format.type == "text")  # type: ignore[union-attr]
+        ]
+        if len(given) > 1:
+            raise InvalidRequest(
+                f"Give at most one output constraint, not {' and '.join(given)}.", param=given[1]
+            )
+        if not given:
+            return None
+        name = given[0]
+        if name == "response_format":
+            fmt = self.response_format
+            assert fmt is not None
+            if fmt.type == "json_object":
+                return GrammarSpec("json_schema", '{"type": "object"}'), name
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise InvalidRequest("response_format json_schema needs json_schema.schema.", param=name)
+            source = json.dumps(fmt.json_schema.json_schema)
+            spec = GrammarSpec("json_schema", source)
+        elif name == "guided_json":
+            source = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            try:
+                if not isinstance(json.loads(source), dict):
+                    raise ValueError
+            except ValueError:
+                raise InvalidRequest("guided_json must be a JSON schema (an object).", param=name) from None
+            spec = GrammarSpec("json_schema", source)
+        elif name == "guided_choice":
+            spec = GrammarSpec("choice", json.dumps(self.guided_choice))
+        else:
+            spec = GrammarSpec("regex" if name == "guided_regex" else "grammar", getattr(self, name))
+        if len(spec.source) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequest(
+                f"The {name} is too long (at most {MAX_GRAMMAR_CHARS} characters).", param=name
+            )
+        return spec, name
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -320,19 +386,6 @@ class CompletionRequest(_SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class ResponseFormatJsonSchema(_Request):
-    model_config = ConfigDict(populate_by_name=True)
-    name: str = "response"
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: ResponseFormatJsonSchema | None = None
-
-
 class FunctionDefinition(_Request):
     name: str
     description: str | None = None
@@ -360,7 +413,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -381,18 +433,6 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def to_sampling_params(
-        self, *, default_max_tokens: int, generation_defaults: Mapping[str, Any]
-    ) -> SamplingParams:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest(
-                f"response_format type '{self.response_format.type}' is not supported yet.",
-                param="response_format",
-            )
-        return super().to_sampling_params(
-            default_max_tokens=default_max_tokens, generation_defaults=generation_defaults
-        )
 
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.messages)

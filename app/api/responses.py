@@ -66,6 +66,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonLiteral | None = None
+    error: str | None = None  # with finish_reason "error": why this choice could not go on
 
 
 class CompletionResponse(_Response):
@@ -115,6 +116,7 @@ class ChatChoice(_Response):
     message: ChatMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReasonLiteral | None = None
+    error: str | None = None  # with finish_reason "error": why this choice could not go on
 
 
 class ChatCompletionResponse(_Response):
@@ -150,6 +152,7 @@ class ChatStreamChoice(_Response):
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: FinishReasonLiteral | None = None
+    error: str | None = None  # with finish_reason "error": why this choice could not go on
 
 
 class ChatCompletionStreamResponse(_Response):

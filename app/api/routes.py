@@ -42,6 +42,7 @@ from app.runtime import Runtime
 KEEPALIVE_INTERVAL = 10.0  # seconds between SSE comments while a request waits in the queue
 INLINE_BODY_BYTES = 64 * 1024  # larger requests are tokenized off the event loop
 T = TypeVar("T")
+_CONSTRAINTS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools")
 
 api = APIRouter(dependencies=[Authorized])
 public = APIRouter()
@@ -101,7 +102,10 @@ async def _prepare(
     fn: Callable[[Any, Runtime, float], Prepared], body: Any, request: Request, runtime: Runtime
 ) -> Prepared:
     now = time.monotonic()
-    if int(request.headers.get("content-length") or 0) > INLINE_BODY_BYTES:
+    large = int(request.headers.get("content-length") or 0) > INLINE_BODY_BYTES
+    # a grammar may compile for tens of milliseconds the first time: not on the event loop
+    constrained = any(getattr(body, f, None) is not None for f in _CONSTRAINTS)
+    if large or constrained:
         return await asyncio.to_thread(fn, body, runtime, now)
     return fn(body, runtime, now)
 

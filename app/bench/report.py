@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
         run_system(system, workloads, model, root, results)
     (root / "results" / "summary.json").write_text(json.dumps(results, indent=1))
     charts = write_charts(results, a.charts)
-    extra = {name: (root / "results" / f"{name}.md") for name in ("kernels", "engine")}
+    extra = {name: (root / "results" / f"{name}.md") for name in ("kernels", "engine", "structured")}
     section = render(
         results, workloads, roofline(model, a.bandwidth_gbs), a.bandwidth_gbs, servers.versions(root), skipped,
         charts, a.out.parent, {k: v.read_text() for k, v in extra.items() if v.exists()}, a.quick,

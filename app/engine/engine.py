@@ -12,14 +12,24 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from app.engine.block_manager import BlockManager
+from app.engine.grammar import GrammarCompiler
 from app.engine.output import OutputProcessor
 from app.engine.scheduler import Scheduler, SchedulerConfig
 from app.engine.sequence import Sequence
-from app.engine.types import EngineStats, FinishReason, GenerateRequest, RequestOutput, StepOutput, StepPlan
+from app.engine.types import (
+    NO_TOKEN,
+    EngineStats,
+    FinishReason,
+    GenerateRequest,
+    RequestOutput,
+    SampledToken,
+    StepOutput,
+    StepPlan,
+)
 
 log = logging.getLogger("shardserve.engine")
 
@@ -27,7 +37,10 @@ log = logging.getLogger("shardserve.engine")
 class Executor(Protocol):
     """The worker pool as the engine sees it (app/worker/pool.py), torch-free."""
 
-    def execute(self, plan: StepPlan) -> StepOutput: ...
+    def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput:
+        """Run a step. With plan.masked_seq_ids, masks() gives their token bitmasks; the executor
+        calls it once the ranks have the plan, so the masks are computed during the forward."""
+        ...
 
     def check_alive(self) -> str | None: ...
 
@@ -72,6 +85,7 @@ class Engine:
     detokenizer_factory: Any
     hooks: EngineHooks
     enable_prefix_caching: bool = True
+    grammars: GrammarCompiler | None = None  # needed for requests with a grammar
     idle_poll: float = 0.5  # seconds between liveness checks while idle
     _inbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -150,6 +164,9 @@ class Engine:
             else:
                 for i in range(req.sampling.n):
                     seq = Sequence.from_request(req, i, next(self._ids))
+                    if req.grammar is not None:
+                        assert self.grammars is not None, "a grammar reached an engine without a compiler"
+                        seq.matcher = self.grammars.matcher(req.grammar)  # checked by the API: cached
                     self._seqs[seq.seq_id] = seq
                     self.scheduler.add(seq)
         else:
@@ -175,8 +192,23 @@ class Engine:
             self._seqs.pop(seq.seq_id, None)
         if plan is not None:
             t0 = time.perf_counter()
+            masked = [
+                self._seqs[c.seq_id]
+                for c in plan.chunks
+                if c.sample and self._seqs[c.seq_id].matcher is not None
+            ]
+            masks = None
+            if masked:
+                plan = replace(plan, masked_seq_ids=tuple(s.seq_id for s in masked))
+                grammars = self.grammars
+                assert grammars is not None
+                matchers = [s.matcher for s in masked]
+
+                def masks() -> bytes:
+                    return grammars.masks(matchers)
+
             try:
-                result = self.executor.execute(plan)
+                result = self.executor.execute(plan, masks)
             except Exception as e:  # RankFailure and friends: the pool owns the details
                 if outs:
                     self.hooks.on_outputs(outs)
@@ -187,6 +219,15 @@ class Engine:
                 seq = self._seqs.get(tok.seq_id)
                 if seq is None or seq.is_finished:
                     continue  # aborted while the step ran
+                if seq.matcher is not None:
+                    problem = self._advance_grammar(seq, tok)
+                    if problem is not None:
+                        outs.append(
+                            self.outputs.finish_early(seq, FinishReason.ERROR, problem, choice_only=True)
+                        )
+                        self.scheduler.finish(seq)
+                        self._seqs.pop(seq.seq_id, None)
+                        continue
                 out = self.outputs.process(seq, tok, now)
                 outs.append(out)
                 if out.finish_reason is not None:
@@ -202,6 +243,18 @@ class Engine:
             )
         if outs:
             self.hooks.on_outputs(outs)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, tok: SampledToken) -> str | None:
+        """Feed the sampled token to the sequence's matcher; a message when the choice must end."""
+        if tok.token_id == NO_TOKEN:
+            return (
+                "the output format allows no further token here (min_tokens, ignore_eos or stop_token_ids "
+                "may forbid the only tokens the grammar accepts)"
+            )
+        if not seq.matcher.consume_token(tok.token_id):
+            return f"the sampled token broke the output format: {seq.matcher.get_error()}"
+        return None
 
     def _expire(self, now: float) -> list[RequestOutput]:
         outs = []

@@ -119,10 +119,16 @@ class OutputProcessor:
             queue_time=queue_time,
         )
 
-    def finish_early(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
-        """End a sequence from outside the token stream (timeout, abort, error): release held text."""
+    def finish_early(
+        self, seq: Sequence, reason: FinishReason, error: str | None = None, *, choice_only: bool = False
+    ) -> RequestOutput:
+        """End a sequence from outside the token stream (timeout, abort, error): release held text.
+
+        choice_only: an ERROR that ends this choice alone (its grammar allowed no token), which keeps
+        its text; any other ERROR fails the whole request and its text is dropped."""
         st = self.streams.pop(seq.seq_id, None)
-        text = "" if st is None or reason is FinishReason.ERROR else st.held + st.detok.flush()
+        keep = reason is not FinishReason.ERROR or choice_only
+        text = st.held + st.detok.flush() if st is not None and keep else ""
         seq.finish_reason = reason
         return RequestOutput(
             request_id=seq.request_id,
@@ -134,4 +140,5 @@ class OutputProcessor:
             completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.num_cached_tokens,
             error=error,
+            choice_error=choice_only,
         )

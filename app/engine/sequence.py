@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 from app.engine.types import FinishReason, GenerateRequest, SamplingParams
 
@@ -57,6 +58,9 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # time.monotonic() of first admission (queue time)
     finish_reason: FinishReason | None = None  # set by the engine's output loop
+    # llguidance matcher of a constrained sequence (app/engine/grammar.py): fed every sampled token,
+    # it gives the mask of the next one. Kept across preemption: output tokens are never taken back.
+    matcher: Any = None
 
     @classmethod
     def from_request(cls, req: GenerateRequest, index: int, seq_id: int) -> Sequence:

@@ -50,6 +50,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class GrammarSpec:
+    """What a constrained choice's output must match; compiled by app/engine/grammar.py.
+
+    kind is one of: "json_schema" (source: the schema as JSON text), "regex", "choice" (a JSON
+    list of strings), "grammar" (Lark or llama.cpp's GBNF, detected by the compiler)."""
+
+    kind: str
+    source: str
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One API request, immutable once made; the engine turns it into n Sequences."""
 
@@ -59,6 +70,7 @@ class GenerateRequest:
     arrival_time: float  # time.monotonic() when the API accepted it
     priority: int = 0  # lower runs first; FCFS within a priority
     deadline: float | None = None  # time.monotonic() after which it ends with TIMEOUT
+    grammar: GrammarSpec | None = None  # constrained decoding: every choice's output matches it
 
 
 # ---- engine -> ranks ---------------------------------------------------------------------
@@ -95,6 +107,9 @@ class StepPlan:
     new_seqs: tuple[SeqSampling, ...] = ()  # sequences whose sampling state rank 0 must create
     finished_seq_ids: tuple[int, ...] = ()  # sampling state rank 0 may drop
     copy_blocks: tuple[tuple[int, int], ...] = ()  # (src, dst) KV block copies before the forward
+    # Constrained sequences sampled this step, in this order: their token bitmasks follow the plan to
+    # rank 0 as one more message, computed by the engine while the ranks run the forward.
+    masked_seq_ids: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +117,8 @@ class StepPlan:
 
 
 # ---- ranks -> engine ---------------------------------------------------------------------
+
+NO_TOKEN = -1  # SampledToken.token_id when a constrained row's mask (with its bans) left no token
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,9 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far for this choice
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # with finish_reason ERROR: what failed
+    # ERROR that ends this choice only (its grammar allowed no further token): the request still
+    # answers, the choice says finish_reason "error". Otherwise ERROR fails the whole request.
+    choice_error: bool = False
     queue_time: float | None = None  # on a choice's first token: arrival to its first scheduled step
 
 

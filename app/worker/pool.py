@@ -15,6 +15,7 @@ import pickle
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -124,11 +125,14 @@ class WorkerPool:
                 break
         raise RankFailure(f"rank {rank} exited or timed out while loading the model")
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput:
         data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for conn in self.conns[:1] if self.remote else self.conns:  # remote: rank 0 broadcasts
                 conn.send_bytes(data)
+            if plan.masked_seq_ids:
+                assert masks is not None, "a plan with masked sequences needs their masks"
+                self.conns[0].send_bytes(masks())  # computed while the ranks run the forward
         except (BrokenPipeError, ConnectionResetError, OSError) as e:
             raise RankFailure(f"a rank is gone ({e})") from None
         deadline = time.monotonic() + self.config.step_timeout

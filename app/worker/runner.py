@@ -5,6 +5,8 @@ collectives inside it need all of them); only the driver rank (0) samples and an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from app.engine.types import SampledToken, StepOutput, StepPlan
@@ -36,6 +38,13 @@ def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype = torch.float32) 
     return 2 * loaded.config.num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def unpack_bitmask(data: bytes, rows: int) -> torch.Tensor:
+    """llguidance's bitmask (int32 words, bit i of word w allows token 32w + i) -> bool [rows, 32 * words]."""
+    words = torch.frombuffer(bytearray(data), dtype=torch.int32).view(rows, -1)
+    bits = torch.arange(32, dtype=torch.int32)
+    return ((words[:, :, None] >> bits) & 1).bool().view(rows, -1)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -63,7 +72,8 @@ class ModelRunner:
         return self.kv_storage.numel() * self.kv_storage.element_size()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepOutput | None:
+    def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput | None:
+        """masks: on rank 0 of a plan with masked_seq_ids, reads their bitmasks (sent after the plan)."""
         if self.sampler is not None:
             for seq in plan.new_seqs:
                 self.sampler.add(seq)
@@ -72,13 +82,13 @@ class ModelRunner:
             self.kv_storage[:, :, dst * b : (dst + 1) * b] = self.kv_storage[:, :, src * b : (src + 1) * b]
         result = StepOutput(plan.step_id, ()) if self.sampler is not None else None
         if plan.chunks:
-            result = self._forward(plan)
+            result = self._forward(plan, masks)
         if self.sampler is not None:
             for seq_id in plan.finished_seq_ids:
                 self.sampler.drop(seq_id)
         return result
 
-    def _forward(self, plan: StepPlan) -> StepOutput | None:
+    def _forward(self, plan: StepPlan, masks: Callable[[], bytes] | None) -> StepOutput | None:
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -108,7 +118,13 @@ class ModelRunner:
         if self.sampler is None:
             return None
         sampling = [c for c in plan.chunks if c.sample]
+        allowed = None
+        if plan.masked_seq_ids:
+            assert masks is not None, "a plan with masked sequences needs their masks"
+            allowed = dict(
+                zip(plan.masked_seq_ids, unpack_bitmask(masks(), len(plan.masked_seq_ids)), strict=True)
+            )
         tokens: list[SampledToken] = self.sampler.sample(
-            logits, [c.seq_id for c in sampling], [c.num_output_tokens for c in sampling]
+            logits, [c.seq_id for c in sampling], [c.num_output_tokens for c in sampling], allowed
         )
         return StepOutput(plan.step_id, tuple(tokens))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.types import SampledToken, SamplingParams, SeqSampling
+from app.engine.types import NO_TOKEN, SampledToken, SamplingParams, SeqSampling
 
 
 @dataclass
@@ -65,13 +65,33 @@ class Sampler:
             if banned:
                 x[torch.tensor(banned)] = float("-inf")
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], num_outputs: list[int]) -> list[SampledToken]:
-        """logits [S, V] (fp32, rows in the order of seq_ids) -> one token per row."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seq_ids: list[int],
+        num_outputs: list[int],
+        allowed: dict[int, torch.Tensor] | None = None,
+    ) -> list[SampledToken]:
+        """logits [S, V] (fp32, rows in the order of seq_ids) -> one token per row.
+
+        allowed: bool token masks of constrained rows by seq id (bits past the vocabulary ignored,
+        tokens past the mask forbidden); a row whose mask and bans leave nothing gets NO_TOKEN."""
         logits = logits[:, : self.vocab_size].float()
         raw = logits.clone() if any(self.states[s].params.logprobs is not None for s in seq_ids) else None
         states = [self.states[s] for s in seq_ids]
         for row, (st, n_out) in enumerate(zip(states, num_outputs, strict=True)):
             self._penalize(logits, row, st, n_out)
+        dead: set[int] = set()
+        for row, sid in enumerate(seq_ids):
+            mask = allowed.get(sid) if allowed else None
+            if mask is not None:
+                keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                n = min(len(keep), len(mask))
+                keep[:n] = mask[:n]
+                logits[row].masked_fill_(~keep, float("-inf"))
+                if not bool(torch.isfinite(logits[row]).any()):
+                    dead.add(row)
+                    logits[row, 0] = 0.0  # a harmless distribution; the row answers NO_TOKEN
         tokens = logits.argmax(dim=-1)
         sampled_rows = [r for r, st in enumerate(states) if not st.params.greedy]
         if sampled_rows:
@@ -86,6 +106,9 @@ class Sampler:
         out = []
         logprobs = torch.log_softmax(raw, dim=-1) if raw is not None else None
         for row, (sid, st) in enumerate(zip(seq_ids, states, strict=True)):
+            if row in dead:
+                out.append(SampledToken(sid, NO_TOKEN))
+                continue
             tok = int(tokens[row])
             st.output_counts[tok] = st.output_counts.get(tok, 0) + 1
             lp, top = None, ()

@@ -171,7 +171,8 @@ def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool
         if plan is None:
             return True
         try:
-            out = runner.execute(plan)
+            masks = conn.recv_bytes if rank == 0 and conn is not None else None
+            out = runner.execute(plan, masks)
         except Exception as e:
             if rank == 0 and conn is not None:
                 conn.send_bytes(pickle.dumps(StepOutput(plan.step_id, (), error=f"{type(e).__name__}: {e}")))
