@@ -29,6 +29,9 @@ from app.worker.worker import RankReady
 log = logging.getLogger("shardserve")
 
 
+RESTART_WINDOW = 300.0  # seconds of good health after which a rank failure gets fresh restart attempts
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -43,12 +46,12 @@ class Runtime:
     engine: Engine
     grammars: GrammarCompiler
     ranks: list[RankReady] = field(default_factory=list)
-    restarts: int = 0
-    max_restarts: int = 3
+    restarts: int = 0  # restart attempts in the current failure episode
+    last_failure: float = float("-inf")
     ready: bool = False
     metrics: Metrics | None = None
 
-    def _report_ranks(self, up: bool) -> None:
+    def report_ranks(self, up: bool) -> None:
         if self.metrics is None:
             return
         for r in range(self.settings.tp):
@@ -68,7 +71,7 @@ class Runtime:
             self.model_name, self.dtype, self.settings.tp, self.num_blocks, self.settings.block_size,
             self.num_blocks * self.settings.block_size, self.max_model_len,
         )  # fmt: skip
-        self._report_ranks(True)
+        self.report_ranks(True)
         self.engine.start()
         self.ready = True
 
@@ -77,12 +80,23 @@ class Runtime:
         self.engine.stop()
         self.pool.shutdown()
 
-    def restart_pool(self, reason: str) -> bool:
-        """The engine's failure hook: restart the ranks with back-off, a bounded number of times."""
+    def mark_down(self, reason: str) -> None:
+        """The engine's first word of a failure, before it fails the requests in flight: from here
+        on /ready answers 503, so a client that saw its request fail never sees a ready server."""
         self.ready = False
-        self._report_ranks(False)
+        self.report_ranks(False)
+
+    def restart_pool(self, reason: str) -> bool:
+        """The engine's failure hook: restart the ranks with back-off, at most --pool-max-restarts
+        times per failure episode (failures further apart than RESTART_WINDOW start a new one).
+        False: given up; the engine then fails every request and /health answers 503."""
+        now = time.monotonic()
+        if now - self.last_failure > RESTART_WINDOW:
+            self.restarts = 0
+        self.last_failure = now
+        self.mark_down(reason)
         self.pool.shutdown(timeout=2.0)
-        while self.restarts < self.max_restarts:
+        while self.restarts < self.settings.pool_max_restarts:
             self.restarts += 1
             if self.metrics is not None:
                 self.metrics.pool_restarts.inc()
@@ -93,7 +107,7 @@ class Runtime:
                 log.error("pool restart %d failed: %s", self.restarts, e)
                 continue
             log.warning("worker pool restarted after: %s", reason)
-            self._report_ranks(True)
+            self.report_ranks(True)
             self.ready = True
             return True
         return False
@@ -196,7 +210,9 @@ def build_runtime(
         num_blocks=num_blocks,
         tokenizer=tokenizer,
         detokenizer_factory=IncrementalDetokenizer,
-        hooks=EngineHooks(on_outputs=on_outputs, on_step=on_step, on_failure=runtime.restart_pool),
+        hooks=EngineHooks(
+            on_outputs=on_outputs, on_step=on_step, on_down=runtime.mark_down, on_failure=runtime.restart_pool
+        ),
         enable_prefix_caching=settings.enable_prefix_caching,
         grammars=grammars,
     )

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
     step_timeout: float = Field(60.0, gt=0, description="a step slower than this counts as a hung rank")
+    pool_max_restarts: int = Field(
+        3, ge=0, description="restarts of the worker ranks per failure episode before /health fails"
+    )
     rank_death_timeout: float = Field(2.0, gt=0, description="seconds to notice a dead rank")
     request_timeout: float | None = Field(None, gt=0, description="server maximum per-request deadline (s)")
     local_ranks: int | None = Field(

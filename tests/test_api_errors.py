@@ -292,7 +292,7 @@ def failing(model_dir):
     runtime = SimpleNamespace(
         engine=FailingEngine(), tokenizer=Tokenizer.load(model_dir), max_model_len=1024, model_name="tiny",
         config=SimpleNamespace(vocab_size=320, architecture="llama"), dtype="fp32", settings=settings, ready=True,
-        pool=SimpleNamespace(check_alive=lambda: None),
+        pool=SimpleNamespace(check_alive=lambda: None), restarts=0, report_ranks=lambda up: None,
     )  # fmt: skip
     with LiveServer(create_app(settings, runtime)) as srv:  # type: ignore[arg-type]
         yield srv, runtime

@@ -72,11 +72,18 @@ def get_runtime(state: StateDep) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
+def given_up(runtime: Runtime) -> str:
+    return (
+        f"The model's worker ranks failed ({runtime.engine.failed}) and {runtime.restarts} restart(s) "
+        "did not bring them back; the server must be restarted."
+    )
+
+
 def get_client(state: StateDep, runtime: RuntimeDep) -> EngineClient:
     """The engine client, only while every rank is up: 503 otherwise, before any work is done."""
     reason = state.not_ready_reason()
-    if reason == "the worker ranks failed and could not be restarted":
-        raise EngineFailed()
+    if runtime.engine.failed is not None:
+        raise EngineFailed(given_up(runtime))
     if reason is not None or state.client is None:
         raise NotReady(f"The model is not ready ({reason}); retry later.")
     return state.client

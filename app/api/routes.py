@@ -22,7 +22,16 @@ from app.api import protocol as p
 from app.api import responses as r
 from app.api import sse
 from app.api.backpressure import Admission, Ticket
-from app.api.deps import AccessRecord, AdmissionDep, Authorized, ClientDep, RecordDep, RuntimeDep, StateDep
+from app.api.deps import (
+    AccessRecord,
+    AdmissionDep,
+    Authorized,
+    ClientDep,
+    RecordDep,
+    RuntimeDep,
+    StateDep,
+    given_up,
+)
 from app.api.errors import EngineFailed, InvalidRequest, NotFound, NotReady, error_response
 from app.api.generation import (
     Prepared,
@@ -231,8 +240,10 @@ async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response
 @public.get("/health")
 async def health(state: StateDep) -> dict[str, str]:
     """Liveness: the process answers, unless the ranks are gone for good (a restart may help)."""
-    if state.load_error is not None or (state.runtime is not None and state.runtime.engine.failed):
-        raise EngineFailed("The inference engine failed for good; restart the server.")
+    if state.load_error is not None:
+        raise EngineFailed("The model failed to load; restart the server.")
+    if state.runtime is not None and state.runtime.engine.failed:
+        raise EngineFailed(given_up(state.runtime))
     return {"status": "ok"}
 
 

@@ -110,6 +110,8 @@ def _attach(
         runtime.engine.hooks.on_outputs = lambda outs: (metrics.observe_outputs(outs), client.deliver(outs))
         runtime.engine.hooks.on_step = metrics.observe_step
         metrics.bind_engine(runtime.engine.stats)
+        runtime.metrics = metrics  # pool restarts and rank gauges
+        runtime.report_ranks(runtime.ready)
     metrics.model_info.info(
         {"model": runtime.model_name, "architecture": runtime.config.architecture, "dtype": runtime.dtype,
          "tp": str(state.settings.tp), "max_model_len": str(runtime.max_model_len)}

@@ -63,6 +63,7 @@ class StepStats:
 class EngineHooks:
     on_outputs: Callable[[list[RequestOutput]], None]
     on_step: Callable[[StepStats], None] = lambda s: None
+    on_down: Callable[[str], None] = lambda msg: None  # the executor failed; requests are failed next
     on_failure: Callable[[str], bool] = lambda msg: False  # True: executor restarted, go on
 
 
@@ -272,6 +273,7 @@ class Engine:
 
     def _handle_failure(self, msg: str) -> None:
         log.error("worker ranks failed: %s", msg)
+        self.hooks.on_down(msg)
         self._fail_all(f"the model's worker ranks failed: {msg}")
         if self.hooks.on_failure(msg):
             self.block_manager.reset_prefix_cache()  # the restarted ranks hold no KV

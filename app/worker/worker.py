@@ -29,6 +29,7 @@ from app.engine.types import StepOutput, StepPlan
 from app.layers.parallel import TPContext
 from app.model.loader import load_model
 from app.worker.comm import init_distributed, make_communicator
+from app.worker.faults import Fault
 from app.worker.runner import ModelRunner
 
 log = logging.getLogger("shardserve.worker")
@@ -111,6 +112,7 @@ def worker_main(
             device=device,
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the KV cache
+        fault = Fault.from_env(rank)  # a malformed SHARDSERVE_FAULT is a start-up error
         runner = ModelRunner(
             loaded,
             num_blocks=args.num_blocks,
@@ -129,7 +131,7 @@ def worker_main(
         log.error("rank %d failed to start: %s", rank, e)
         log.debug("%s", traceback.format_exc())
         return
-    clean = _serve(rank, runner, conn, args.remote)
+    clean = _serve(rank, runner, conn, args.remote, fault)
     comm.close()
     with contextlib.suppress(Exception):
         torch.distributed.destroy_process_group()
@@ -161,7 +163,9 @@ def _next_plan(rank: int, conn: Connection | None, remote: bool) -> StepPlan | N
     return _broadcast(plan) if remote else plan
 
 
-def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool) -> bool:
+def _serve(
+    rank: int, runner: ModelRunner, conn: Connection | None, remote: bool, fault: Fault | None
+) -> bool:
     """Steps until told to stop (True) or until the pool or rank 0 vanished (False)."""
     while True:
         try:
@@ -171,6 +175,8 @@ def _serve(rank: int, runner: ModelRunner, conn: Connection | None, remote: bool
         if plan is None:
             return True
         try:
+            if fault is not None:
+                fault.maybe_fire(plan.step_id)
             masks = conn.recv_bytes if rank == 0 and conn is not None else None
             out = runner.execute(plan, masks)
         except Exception as e:
