@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export SHARDSERVE_HOME ?= $(HOME)/.cache/shardserve
 
-.PHONY: install model serve test test-slow bench lint clean deploy-tools
+.PHONY: install model serve test test-slow soak fuzz bench lint clean deploy-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ test: model deploy-tools
 
 test-slow: model
 	$(VENV)/bin/pytest -m slow
+
+# The long robustness runs; RELIABILITY.md records their latest results and commands.
+# make soak [SOAK_MINUTES=10]: mixed load against a real `shardserve serve` of the default model.
+SOAK_MINUTES ?= 10
+soak: model
+	$(PY) -m tests.soak --minutes $(SOAK_MINUTES)
+
+# make fuzz [FUZZ_EXAMPLES=500]: schemathesis cases per API operation (make test runs 100).
+FUZZ_EXAMPLES ?= 500
+fuzz: model
+	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/test_api_fuzz.py
 
 # make bench [PEERS=all|llama|vllm|naive|none] [QUICK=1]: kernels, engine, then the serve workloads
 # against shardserve and each peer (set up once in its own venv under .bench/), written into

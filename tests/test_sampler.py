@@ -237,3 +237,15 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top():
         assert lp == pytest.approx(float(ref[0, i]), abs=1e-6)
     assert toks[1].top_logprobs == ()
     assert toks[2].logprob is None and toks[2].top_logprobs == ()
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-8])
+def test_a_vanishing_temperature_is_greedy_not_an_id_past_the_vocabulary(temperature) -> None:
+    # found by `make fuzz`: logits / 1e-300 overflow to inf, the probabilities become NaN and the
+    # inverse CDF answered id V, which crashed the next forward's embedding on every rank
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1)) * 30
+    s = Sampler(100)
+    for i in range(4):
+        s.add(SeqSampling(i, SamplingParams(temperature=temperature, top_p=0.9), (1,), (0,)))
+    out = s.sample(logits.clone(), [0, 1, 2, 3], [0, 0, 0, 0])
+    assert [t.token_id for t in out] == logits.argmax(dim=-1).tolist()

@@ -123,6 +123,11 @@ class PayloadTooLarge(APIError):
     reject_reason = "too_large"
 
 
+class HeadersTooLarge(PayloadTooLarge):
+    status_code = 431  # Request Header Fields Too Large
+    default_code = "headers_too_large"
+
+
 class QueueFull(APIError):
     status_code = 429
     error_type = "rate_limit_error"

@@ -16,11 +16,13 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AccessRecord, ServerState
-from app.api.errors import APIError, PayloadTooLarge, RequestTimeout, error_response
+from app.api.errors import APIError, HeadersTooLarge, PayloadTooLarge, RequestTimeout, error_response
 
 access_log = logging.getLogger("shardserve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")  # a client's id is echoed only if it is this tame
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes: logged at debug level only
+# uvicorn's httptools parser takes headers of any size (h11 stops at 64 KiB): bound them ourselves
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class RequestContextMiddleware:
@@ -97,6 +99,12 @@ class BodyLimitMiddleware:
         self.app, self.state, self.read_timeout = app, state, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            big = HeadersTooLarge(
+                f"The request headers are larger than this server's limit of {MAX_HEADER_BYTES} bytes."
+            )
+            await self._reject(big, scope, receive, send)
+            return
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return

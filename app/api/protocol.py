@@ -151,7 +151,36 @@ class ResponseFormat(_Request):
     json_schema: ResponseFormatJsonSchema | None = None
 
 
-class _SamplingRequest(_Request):
+def _check_unicode(value: Any, path: str = "") -> None:
+    """JSON's \\ud800-style escapes can spell lone UTF-16 surrogates, which are not Unicode text: no
+    tokenizer, regex or log line takes them. Lists of token ids are skipped at their first id."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(
+                f"{path or 'the body'} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k, path)
+            _check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list) and value and type(value[0]) is not int:
+        for i, v in enumerate(value):
+            _check_unicode(v, f"{path}[{i}]")
+
+
+class _TopLevel(_Request):
+    """A whole request body: its text is checked once, here, not by every nested model."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
+
+
+class _SamplingRequest(_TopLevel):
     """Fields shared by both generation endpoints; order matters to the cross-field validators."""
 
     model: str | None = None
@@ -438,7 +467,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return template_messages(self.messages)
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_TopLevel):
     """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
 
     model: str | None = None

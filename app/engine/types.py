@@ -21,11 +21,14 @@ class FinishReason(str, Enum):
     ABORT = "abort"  # the client went away; nobody is listening
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling, validated by the API before it reaches the engine."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0  # in (0, 1]
     top_k: int = 0  # 0 disables
     min_p: float = 0.0  # in [0, 1]
@@ -46,7 +49,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, dividing by the temperature overflows fp32 logits to inf (and probabilities to
+        # NaN); such a temperature means greedy anyway (vLLM draws the line at the same place)
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,11 @@ class Sampler:
                 seed = states[r].params.seed
                 g = self.generator if seed is None else _generator_for(seed, num_outputs[r])
                 u[j] = torch.rand((), dtype=torch.float64, generator=g)
-            tokens[idx] = _inverse_cdf(probs, u)
+            drawn = _inverse_cdf(probs, u)
+            # a row whose distribution is not finite (overflowing penalties or bias) keeps its
+            # greedy token: an id past the vocabulary would crash the next forward on every rank
+            finite = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+            tokens[idx] = torch.where(finite, drawn, tokens[idx])
         out = []
         logprobs = torch.log_softmax(raw, dim=-1) if raw is not None else None
         for row, (sid, st) in enumerate(zip(seq_ids, states, strict=True)):
