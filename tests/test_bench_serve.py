@@ -296,6 +296,9 @@ def test_report_section_replaces_only_the_marked_part(tmp_path) -> None:
     assert text.count(BEGIN) == 1 and "took 2 min" in text and "took 1 min" not in text
     assert "![throughput](docs/bench/throughput.png)" in text and "Not measured: naive (not set up)" in text
     assert "| vLLM | failed: did not start |" in text
+    rerun = render(results, plan(quick=False), rows, 32.0, {}, {}, charts, tmp_path, {}, quick=False,
+                   elapsed_s=60.0, reran=["vLLM"])  # fmt: skip
+    assert "second invocation (`--rerun`): vLLM" in rerun
 
 
 def test_arrivals_all_at_once_or_poisson_over_n_over_rate() -> None:

@@ -120,6 +120,13 @@ def setup_vllm(root: Path) -> None:
     py = _venv(d / "venv", d / "setup.log")
     extra = os.environ.get("VLLM_PIP_ARGS", "").split()
     _run([str(py), "-m", "pip", "install", VLLM, *extra], d / "setup.log")
+    # pip takes torch from the CPU wheel on disk but torchvision/torchaudio from PyPI, built against
+    # another torch: their ops fail to register ("operator torchvision::nms does not exist") and
+    # transformers imports torchvision whenever it is installed, so vLLM dies at start-up. A text
+    # model needs none of them.
+    _run(
+        [str(py), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], d / "setup.log"
+    )
     _stamp("vllm", root).write_text(VLLM + "\n")
 
 

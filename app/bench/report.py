@@ -130,6 +130,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--charts", type=Path, default=ROOT / "docs" / "bench", help="folder for the PNG charts")
     p.add_argument("--bandwidth-gbs", type=float, default=DEFAULT_BANDWIDTH_GBS)
     p.add_argument("--no-setup", action="store_true", help="skip peers not set up instead of setting them up")
+    p.add_argument("--rerun", default=None, help="comma-separated systems (e.g. vLLM) to run again after a fix; "
+                   "every other row comes from the last run's results/summary.json")  # fmt: skip
     a = p.parse_args(argv)
     print(FULL_RUN_WARNING if not a.quick else "make bench QUICK=1: the 16-stream workloads only", flush=True)
     t0 = time.monotonic()
@@ -145,6 +147,12 @@ def main(argv: list[str]) -> int:
     systems = ["shardserve", *ready] + ([] if a.quick else [v[0] for v in VARIANTS])
     workloads = plan(a.quick)
     results: list[dict] = []
+    reran = [s.strip() for s in a.rerun.split(",")] if a.rerun else []
+    if reran:
+        results = [
+            r for r in json.loads((root / "results" / "summary.json").read_text()) if r["system"] not in reran
+        ]
+        systems = [s for s in systems if s in reran]
     for system in systems:
         run_system(system, workloads, model, root, results)
     (root / "results" / "summary.json").write_text(json.dumps(results, indent=1))
@@ -153,7 +161,7 @@ def main(argv: list[str]) -> int:
     section = render(
         results, workloads, roofline(model, a.bandwidth_gbs), a.bandwidth_gbs, servers.versions(root), skipped,
         charts, a.out.parent, {k: v.read_text() for k, v in extra.items() if v.exists()}, a.quick,
-        time.monotonic() - t0,
+        time.monotonic() - t0, reran,
     )  # fmt: skip
     write_section(a.out, section)
     print(f"\nwrote {a.out} (between the bench markers) and {len(charts)} charts in {a.charts}")
