@@ -16,6 +16,7 @@ from typing import Any, Literal
 from app.api import protocol as p
 from app.api import responses as r
 from app.api.backpressure import Ticket
+from app.api.constraints import output_constraint
 from app.api.deps import AccessRecord
 from app.api.errors import EngineFailed, InvalidRequest, ServiceUnavailable
 from app.api.model_check import check_against_model
@@ -121,7 +122,7 @@ def prepare_chat(body: p.ChatCompletionRequest, runtime: Runtime, now: float) ->
     tok = runtime.tokenizer
     extra = template_kwargs(body.chat_template_kwargs)
     tools = offered_tools(body)
-    grammar = body.grammar_spec()
+    grammar = output_constraint(body)
     call_grammar = tool_grammar(body, tools)
     if call_grammar is not None:
         if grammar is not None:
@@ -169,7 +170,7 @@ def prepare_completion(body: p.CompletionRequest, runtime: Runtime, now: float) 
         echo,
         pretokenized=pretokenized,
         now=now,
-        grammar=body.grammar_spec(),
+        grammar=output_constraint(body),
     )
 
 

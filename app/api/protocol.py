@@ -9,7 +9,6 @@ route has tokenized the prompt.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from app.api.errors import InvalidRequest
-from app.engine.types import GrammarSpec, SamplingParams
+from app.engine.types import SamplingParams
 
 MAX_N = 16  # choices per request (and best_of, which must equal n)
 MAX_STOP = 16  # stop strings per request
@@ -243,48 +242,6 @@ class _SamplingRequest(_TopLevel):
             if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > MAX_TOKEN_ID:
                 raise _bad("logit_bias keys must be token ids (non-negative integers written as strings)")
         return v
-
-    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
-        """The output constraint and the parameter that set it; None for free text."""
-        given = [
-            name
-            for name in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-            if getattr(self, name) is not None
-            and not (name == "response_format" and self.response_format.type == "text")  # type: ignore[union-attr]
-        ]
-        if len(given) > 1:
-            raise InvalidRequest(
-                f"Give at most one output constraint, not {' and '.join(given)}.", param=given[1]
-            )
-        if not given:
-            return None
-        name = given[0]
-        if name == "response_format":
-            fmt = self.response_format
-            assert fmt is not None
-            if fmt.type == "json_object":
-                return GrammarSpec("json_schema", '{"type": "object"}'), name
-            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
-                raise InvalidRequest("response_format json_schema needs json_schema.schema.", param=name)
-            source = json.dumps(fmt.json_schema.json_schema)
-            spec = GrammarSpec("json_schema", source)
-        elif name == "guided_json":
-            source = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
-            try:
-                if not isinstance(json.loads(source), dict):
-                    raise ValueError
-            except ValueError:
-                raise InvalidRequest("guided_json must be a JSON schema (an object).", param=name) from None
-            spec = GrammarSpec("json_schema", source)
-        elif name == "guided_choice":
-            spec = GrammarSpec("choice", json.dumps(self.guided_choice))
-        else:
-            spec = GrammarSpec("regex" if name == "guided_regex" else "grammar", getattr(self, name))
-        if len(spec.source) > MAX_GRAMMAR_CHARS:
-            raise InvalidRequest(
-                f"The {name} is too long (at most {MAX_GRAMMAR_CHARS} characters).", param=name
-            )
-        return spec, name
 
     @property
     def requested_max_tokens(self) -> int | None:

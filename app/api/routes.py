@@ -18,9 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
+from app.api import constraints, sse
 from app.api import protocol as p
 from app.api import responses as r
-from app.api import sse
 from app.api.backpressure import Admission, Ticket
 from app.api.deps import (
     AccessRecord,
@@ -51,7 +51,7 @@ from app.runtime import Runtime
 KEEPALIVE_INTERVAL = 10.0  # seconds between SSE comments while a request waits in the queue
 INLINE_BODY_BYTES = 64 * 1024  # larger requests are tokenized off the event loop
 T = TypeVar("T")
-_CONSTRAINTS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools")
+_CONSTRAINED_BY = (*constraints.FIELDS, "tools")
 
 api = APIRouter(dependencies=[Authorized])
 public = APIRouter()
@@ -113,7 +113,7 @@ async def _prepare(
     now = time.monotonic()
     large = int(request.headers.get("content-length") or 0) > INLINE_BODY_BYTES
     # a grammar may compile for tens of milliseconds the first time: not on the event loop
-    constrained = any(getattr(body, f, None) is not None for f in _CONSTRAINTS)
+    constrained = any(getattr(body, f, None) is not None for f in _CONSTRAINED_BY)
     if large or constrained:
         return await asyncio.to_thread(fn, body, runtime, now)
     return fn(body, runtime, now)
