@@ -41,9 +41,11 @@ test-slow: model
 	$(VENV)/bin/pytest -m slow
 
 # The long robustness runs; RELIABILITY.md records their latest results and commands.
-# make soak [SOAK_MINUTES=10]: mixed load against a real `shardserve serve` of the default model.
+# make soak [SOAK_MINUTES=10]: the long overload and disconnect tests (256 clients against 16 seats
+# and a queue of 64; 2 x 1000 vanishing streams), then mixed load against a real `shardserve serve`.
 SOAK_MINUTES ?= 10
 soak: model
+	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/test_robustness.py -k "clients or storm"
 	$(PY) -m tests.soak --minutes $(SOAK_MINUTES)
 
 # make fuzz [FUZZ_EXAMPLES=500]: schemathesis cases per API operation (make test runs 100).
