@@ -7,6 +7,7 @@ seconds: test modules build one per module and share it."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -111,3 +112,13 @@ def child_pids(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             found += [int(c) for c in (task / "children").read_text().split()]
     return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process still runs: a zombie still answers kill(pid, 0), but it is gone once reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"

@@ -13,6 +13,7 @@ import transformers
 
 from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
 from app.worker.pool import PoolConfig, RankFailure, WorkerPool
+from tests.api_server import process_alive
 from tests.models import tiny_llama
 
 SHAPE = dict(
@@ -119,7 +120,7 @@ def test_killed_rank_is_noticed_and_restart_gives_identical_output(model_dir, tp
         assert time.monotonic() - t0 <= 2.5  # death_timeout is 2 s
         old_pids = pool.pids()
         pool.shutdown()
-        assert not any(_alive(p) for p in old_pids)
+        assert not any(process_alive(p) for p in old_pids)
         pool.start()
         assert _run(pool, PROMPT, STEPS)[0] == tp1[0]
     finally:
@@ -146,16 +147,6 @@ def test_impossible_tp_size_is_a_clear_start_error(model_dir):
     with pytest.raises(RankFailure, match="exceeds the model's 9 attention heads; use a size from 1 to 9"):
         pool.start()
     assert pool.procs == []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is gone once reaped
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def test_ranks_on_another_node_join_through_dist_init(model_dir, tp1):

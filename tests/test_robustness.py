@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_server import live_app, started_runtime, tiny_settings, wait_for
+from tests.api_server import live_app, process_alive, started_runtime, tiny_settings, wait_for
 from tests.models import tiny_llama
 
 # `make soak` sets SHARDSERVE_LONG=1: 256 clients against 16 seats and a queue of 64, 1000 disconnects
@@ -93,17 +93,8 @@ def run_fault(model_dir: Path, kind: str, monkeypatch) -> None:
             assert c.get("/health").status_code == 200
             assert metric(srv.url, "shardserve_pool_restarts_total") == 1
             assert greedy(srv.url) == before  # identical output after the restart
-            assert not any(_alive(pid) for pid in old_pids)  # the old ranks are gone
+            assert not any(process_alive(pid) for pid in old_pids)  # the old ranks are gone
     assert not shm_segments() and not mp.active_children()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"  # a zombie is dead, waiting for its parent
 
 
 @pytest.mark.parametrize("kind", ["kill", "raise", "hang"])
