@@ -27,6 +27,11 @@ RUN if ! command -v python3 >/dev/null; then \
 
 
 FROM base AS build
+# The C++ kernels (app/kernels/csrc) compile here; the runtime stage needs no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ ninja-build \
+    && rm -rf /var/lib/apt/lists/*
 ARG TORCH_VERSION=2.13.0
 # The CPU index keeps pip from pulling the multi-GB CUDA build; a CUDA image passes its own index.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -35,9 +40,13 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first and alone, from its own index: the package's "torch>=2.5" is then already met
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY app ./app
-RUN pip install --no-cache-dir .
+# --no-build-isolation: the kernels compile against the torch installed above (an isolated build
+# would fetch another torch); setup.py never targets the build machine's CPU (no -march=native).
+RUN pip install --no-cache-dir setuptools==84.2.1 wheel==0.45.1 \
+    && pip install --no-cache-dir --no-build-isolation . \
+    && python -c "from app.kernels import extension; assert extension() is not None, 'kernels not built'"
 
 
 FROM build AS model

@@ -7,11 +7,15 @@ export SHARDSERVE_HOME ?= $(HOME)/.cache/shardserve
 
 .PHONY: install model serve test test-slow soak fuzz bench lint clean deploy-tools
 
-$(STAMP): pyproject.toml
+KERNEL_SOURCES := setup.py $(wildcard app/kernels/csrc/*)
+
+$(STAMP): pyproject.toml $(KERNEL_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	# the CPU wheel of torch lies on disk; a looser spec would download a CUDA build of several GB
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install torch==2.13.0 setuptools wheel ninja
+	# --no-build-isolation: the C++ kernels (app/kernels/csrc) compile against this torch
+	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	$(PY) -c "from app.kernels import describe; print('shardserve compute path:', describe('auto'))"
 	# the playground test drives a real headless Chromium; playwright cannot download one here
 	command -v chromium || (apt-get update && apt-get install -y chromium) || true
 	touch $(STAMP)
@@ -80,4 +84,4 @@ lint: install
 	$(VENV)/bin/ruff format --check app tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info app/kernels/*.so

@@ -18,7 +18,7 @@ from app.engine.engine import ExecutorFailure
 from app.settings import Settings
 
 # Settings fields each subcommand takes (serve takes all of them).
-_MODEL_FIELDS = ("home", "model", "dtype", "tp", "device", "max_model_len", "chat_template", "seed",
+_MODEL_FIELDS = ("home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
                  "kv_cache_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens", "log_level")  # fmt: skip
 
 
@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight dtypes to cost (default: fp32 bf16 int8 and what auto means here)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_settings_options(p, ("home", "model", "device", "max_model_len", "max_num_seqs", "block_size"))
+    _add_settings_options(
+        p, ("home", "model", "device", "kernels", "max_model_len", "max_num_seqs", "block_size")
+    )
 
     p = sub.add_parser(
         "bench", help="benchmarks: serve, engine, kernels, structured; report (make bench), peers"

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from app.device import Device
+from app.kernels import describe as describe_kernels
+from app.kernels import resolve as resolve_kernels
 from app.model.costs import PARTS, ModelCosts, SplitCost, model_costs
-from app.model.memory import KV_DTYPE_BYTES
+from app.model.memory import KV_BYTES, kv_cache_dtype
 from app.model.registry_names import resolve_model
 from app.settings import Settings
 
@@ -107,6 +109,8 @@ def inspect_command(settings: Settings, ns: argparse.Namespace) -> int:
     path = resolve_model(settings.model, settings.home)
     device = Device.resolve(settings.device)
     dtypes, served = _dtypes(getattr(ns, "dtypes", None), settings, device)
+    kernels_on = device.kind == "cpu" and resolve_kernels(settings.kernels) != "torch"
+    compute = describe_kernels(settings.kernels) if device.kind == "cpu" else device.kind
     tp_sizes = list(dict.fromkeys(getattr(ns, "tp_sizes", None) or sorted({1, 2, settings.tp})))
     costs = model_costs(
         path,
@@ -116,13 +120,15 @@ def inspect_command(settings: Settings, ns: argparse.Namespace) -> int:
         max_num_seqs=settings.max_num_seqs,
         block_size=settings.block_size,
         device_kind=device.kind,
+        kv_dtype=kv_cache_dtype(served, kernels_on),
     )
     free = free_memory(device)
     fits = [fit(s, d, free, costs) for s in costs.splits if s.possible for d in dtypes]
     if getattr(ns, "json", False):
-        print(json.dumps(to_json(costs, fits, free, device, served), indent=2))
+        print(json.dumps({**to_json(costs, fits, free, device, served), "compute": compute}, indent=2))
     else:
         render(costs, fits, free, device, served)
+        print(f"compute path: {compute}")
     return 0
 
 
@@ -155,7 +161,8 @@ def to_json(
         "weight_bytes": costs.weight_bytes,
         "served_dtype": served,
         "kv_cache": {
-            "dtype_bytes": KV_DTYPE_BYTES,
+            "dtype": costs.kv_dtype,
+            "dtype_bytes": KV_BYTES[costs.kv_dtype],
             "bytes_per_token": costs.kv_bytes_per_token,
             "max_model_len": costs.max_model_len,
             "max_num_seqs": costs.max_num_seqs,
@@ -231,7 +238,7 @@ def render(costs: ModelCosts, fits: list[Fit], free: dict[str, int], device: Dev
     console.print(weights)
     kv_total = costs.kv_bytes_per_token * costs.kv_tokens
     console.print(
-        f"KV cache (fp32): {costs.kv_bytes_per_token:,} bytes per token; {costs.max_num_seqs} sequences x "
+        f"KV cache ({costs.kv_dtype}): {costs.kv_bytes_per_token:,} bytes per token; {costs.max_num_seqs} sequences x "
         f"{costs.max_model_len} tokens = {costs.kv_tokens:,} tokens = {human_bytes(kv_total)} (TP 1)\n"
     )
 

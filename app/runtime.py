@@ -16,10 +16,11 @@ from app.engine.engine import Engine, EngineHooks, StepStats
 from app.engine.grammar import GrammarCompiler
 from app.engine.scheduler import SchedulerConfig
 from app.engine.types import RequestOutput
+from app.kernels import resolve as resolve_kernels
 from app.metrics import Metrics
 from app.model.config import ModelConfig
 from app.model.loader import read_config
-from app.model.memory import kv_blocks_for_budget
+from app.model.memory import KV_BYTES, kv_blocks_for_budget, kv_cache_dtype
 from app.model.registry_names import ensure_model
 from app.settings import Settings
 from app.tokenizer import Tokenizer
@@ -50,6 +51,11 @@ class Runtime:
     last_failure: float = float("-inf")
     ready: bool = False
     metrics: Metrics | None = None
+
+    @property
+    def compute(self) -> str:
+        """The compute path the ranks run (`--kernels`), as rank 0 reported it once loaded."""
+        return self.ranks[0].compute if self.ranks else "not loaded"
 
     def report_ranks(self, up: bool) -> None:
         if self.metrics is None:
@@ -125,12 +131,18 @@ def _max_model_len(settings: Settings, config: ModelConfig) -> int:
     return limit
 
 
+def kv_dtype_for(settings: Settings, device: Device) -> str:
+    """The KV cache dtype the ranks will allocate (app/model/memory.kv_cache_dtype)."""
+    dtype = device.auto_weight_dtype if settings.dtype == "auto" else settings.dtype
+    return kv_cache_dtype(dtype, device.kind == "cpu" and resolve_kernels(settings.kernels) != "torch")
+
+
 def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, device: Device) -> int:
     bs = settings.block_size
     if settings.kv_cache_tokens is not None:
         return -(-settings.kv_cache_tokens // bs)
     budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
-    fits = kv_blocks_for_budget(config, settings.tp, bs, budget)
+    fits = kv_blocks_for_budget(config, settings.tp, bs, budget, KV_BYTES[kv_dtype_for(settings, device)])
     useful = settings.max_num_seqs * -(-max_model_len // bs)  # more than every seat at full context is waste
     blocks = min(fits, useful)
     if blocks * bs < max_model_len:
@@ -180,6 +192,7 @@ def build_runtime(
             local_ranks=settings.local_ranks,
             step_timeout=settings.step_timeout,
             death_timeout=settings.rank_death_timeout,
+            kernels=settings.kernels,
         )
     )
     sched = SchedulerConfig(

@@ -24,6 +24,7 @@ from app.engine.client import EngineClient
 from app.engine.engine import Engine, EngineHooks, StepStats
 from app.engine.scheduler import SchedulerConfig
 from app.engine.types import FinishReason, GenerateRequest, RequestOutput, SamplingParams
+from app.kernels import available_isas
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings
 from tests.models import tiny_llama
@@ -141,10 +142,11 @@ def assert_same(a: Choice, b: Choice) -> None:
 # ---- fixtures --------------------------------------------------------------------------------
 
 
-def _runtime(model: Path, dtype: str, kv_tokens: int = POOL_KV_TOKENS):
+def _runtime(model: Path, dtype: str, kv_tokens: int = POOL_KV_TOKENS, kernels: str = "auto"):
     settings = Settings(
-        model=str(model), dtype=dtype, kv_cache_tokens=kv_tokens, block_size=BLOCK, max_num_batched_tokens=512
-    )
+        model=str(model), dtype=dtype, kv_cache_tokens=kv_tokens, block_size=BLOCK, max_num_batched_tokens=512,
+        kernels=kernels,
+    )  # fmt: skip
     rt = build_runtime(settings, on_outputs=lambda outs: None)
     rt.pool.start()  # the runtime's own engine thread is never started: tests drive fresh engines
     try:
@@ -158,9 +160,19 @@ def tiny_dir(tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8"])
+# Every dtype through the whole engine: fp32 and int8 on the best compute path here, the 16-bit
+# dtypes on the AVX2 build of the kernels (forced, as on a CPU without AVX-512) where it differs.
+ENGINE_PATHS = [
+    ("fp32", "auto"),
+    ("int8", "auto"),
+    *((d, "avx2") for d in ("bf16", "fp16") if "avx2" in available_isas()),
+]
+
+
+@pytest.fixture(scope="module", params=ENGINE_PATHS, ids=lambda p: f"{p[0]}-{p[1]}")
 def tiny(request, tiny_dir):
-    yield from _runtime(tiny_dir, request.param)
+    dtype, kernels = request.param
+    yield from _runtime(tiny_dir, dtype, kernels=kernels)
 
 
 @pytest.fixture(scope="module")

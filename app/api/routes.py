@@ -258,11 +258,13 @@ async def ready(state: StateDep) -> Response:
 
 
 @public.get("/version")
-async def version() -> dict[str, str]:
+async def version(state: StateDep) -> dict[str, str]:
+    """The package version and the compute path the ranks run (our C++ kernels or torch)."""
     try:
-        return {"version": metadata.version("shardserve")}
+        v = metadata.version("shardserve")
     except metadata.PackageNotFoundError:
-        return {"version": "unknown"}
+        v = "unknown"
+    return {"version": v, "compute": state.runtime.compute if state.runtime is not None else "loading"}
 
 
 @public.get("/metrics", include_in_schema=False)

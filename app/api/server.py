@@ -130,8 +130,8 @@ async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
         state.request_exit()
         return
     _attach(state, runtime, loop, relay)
-    log.info("ready: %s (%s, tp %d, context %d)", runtime.model_name, runtime.dtype, state.settings.tp,
-             runtime.max_model_len)  # fmt: skip
+    log.info("ready: %s (%s, tp %d, context %d); compute: %s", runtime.model_name, runtime.dtype,
+             state.settings.tp, runtime.max_model_len, runtime.compute)  # fmt: skip
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,9 @@
 
 Three tables, all measured in one run so their ratios are comparable on a noisy machine:
 1. every linear layer of one decode step (30 layers x qkv/o/gate_up/down + lm_head, distinct
-   weights so nothing stays in cache) per weight format and batch size;
+   weights so nothing stays in cache) per weight format and batch size: our kernels (app/kernels,
+   each ISA build this CPU runs) beside ATen's batched library calls (MKL, oneDNN, the int8 pack
+   kernel), which are not batch-invariant and serve only as the yardstick;
 2. the all-reduce of one hidden vector between two rank processes, shared memory vs gloo;
 3. a full decode step through the worker pool (TP x dtype x batch), KV context 128 tokens."""
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import torch
 
 from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
-from app.layers.quant import Int8BitsAndBytes, Int8WeightOnlyCPU, WeightFormat, weight_format
+from app.kernels import CpuKernels, available_isas
+from app.layers.quant import Float32, Half16, Int8BitsAndBytes, Int8WeightOnlyCPU, WeightFormat, weight_format
 from app.model.loader import read_config
 from app.model.registry_names import ensure_model
 from app.settings import Settings
@@ -34,6 +37,37 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+class AtenFloat32(Float32):
+    """Yardstick: one batched F.linear (MKL sgemm; rows round differently by batch size)."""
+
+    name = "fp32 ATen F.linear"
+
+    def matmul(self, bufs, x):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.linear(x, bufs["weight"])
+
+
+class AtenBFloat16(Half16):
+    """Yardstick: one batched bf16 F.linear (oneDNN; AMX where the CPU has it)."""
+
+    name = "bf16 ATen F.linear (bf16 activations)"
+
+    def __init__(self) -> None:
+        super().__init__(torch.bfloat16)
+
+    def matmul(self, bufs, x):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.linear(x.to(torch.bfloat16), bufs["weight"]).float()
+
+
+class AtenInt8Pack(Int8WeightOnlyCPU):
+    """Yardstick: one batched `_weight_int8pack_mm` (bf16 activations), the old int8 path."""
+
+    name = "int8 ATen _weight_int8pack_mm"
+
+    def matmul(self, bufs, x):  # type: ignore[no-untyped-def]
+        q, scales = bufs["qweight"], bufs["scales"].to(torch.bfloat16)
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scales).float()
 
 
 class Int8DequantFP32(Int8WeightOnlyCPU):
@@ -65,10 +99,14 @@ def _median_ms(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 def linear_table(config, batches: list[int], repeat: int) -> list[dict]:  # type: ignore[no-untyped-def]
     h, i = config.hidden_size, config.intermediate_size
     shapes = [(config.q_size + 2 * config.kv_size, h), (h, config.q_size), (2 * i, h), (h, i)]
-    formats: list[WeightFormat] = [
-        weight_format("fp32"), weight_format("bf16"), weight_format("int8"), Int8DequantFP32(),
-        BitsAndBytesCPU(),
-    ]  # fmt: skip
+    formats: list[WeightFormat] = []
+    for isa in available_isas():
+        kernels = CpuKernels(isa, torch.get_num_threads())
+        for dtype in ("fp32", "bf16", "int8"):
+            fmt = weight_format(dtype, kernels=kernels)
+            fmt.name = f"{dtype} kernels {isa}"
+            formats.append(fmt)
+    formats += [AtenFloat32(), AtenBFloat16(), AtenInt8Pack(), Int8DequantFP32(), BitsAndBytesCPU()]
     rows = []
     for fmt in formats:
         layers = []
@@ -90,18 +128,19 @@ def linear_table(config, batches: list[int], repeat: int) -> list[dict]:  # type
 
 
 def decode_step_table(
-    model_path: Path, tps: list[int], dtypes: list[str], batches: list[int], repeat: int
+    model_path: Path, tps: list[int], dtypes: list[str], batches: list[int], repeat: int, paths: list[str]
 ) -> list[dict]:
     from app.worker.pool import PoolConfig, WorkerPool
 
-    ctx, bs = 128, 16
+    ctx, bs, prefill = 128, 16, 512
     rows = []
-    for tp in tps:
-        for dtype in dtypes:
+    for path in paths:
+        for tp, dtype in ((tp, dtype) for tp in tps for dtype in dtypes):
             blocks_per_seq = ctx // bs + 1
+            num_blocks = max(max(batches) * blocks_per_seq, prefill // bs + 1)
             pool = WorkerPool(
-                PoolConfig(model_path, dtype, tp, num_blocks=max(batches) * blocks_per_seq, block_size=bs,
-                           max_num_batched_tokens=max(ctx, max(batches)))
+                PoolConfig(model_path, dtype, tp, num_blocks=num_blocks, block_size=bs,
+                           max_num_batched_tokens=max(prefill, max(batches)), kernels=path)
             )  # fmt: skip
             pool.start()
             try:
@@ -118,8 +157,22 @@ def decode_step_table(
                     ms = _median_ms(
                         lambda chunks=chunks, pool=pool: pool.execute(StepPlan(1, chunks)), repeat
                     )
-                    rows.append({"tp": tp, "dtype": dtype, "batch": b, "ms": ms, "tok_s": b / ms * 1000})
+                    rows.append(
+                        {"path": path, "tp": tp, "dtype": dtype, "batch": b, "ms": ms, "tok_s": b / ms * 1000}
+                    )
                     pool.execute(StepPlan(2, (), finished_seq_ids=tuple(range(b))))
+                # one prompt of `prefill` tokens in one chunk
+                table = tuple(range(prefill // bs + 1))
+                new = (SeqSampling(0, params, (1,) * prefill, ()),)
+                chunk = (SeqChunk(0, (7,) * prefill, 0, table, True, 0),)
+                ms = _median_ms(
+                    lambda c=chunk, n=new, p=pool: p.execute(StepPlan(0, c, n)), max(3, repeat // 3)
+                )
+                rows.append(
+                    {"path": path, "tp": tp, "dtype": dtype, "batch": f"prefill {prefill}", "ms": ms,
+                     "tok_s": prefill / ms * 1000}
+                )  # fmt: skip
+                pool.execute(StepPlan(1, (), finished_seq_ids=(0,)))
             finally:
                 pool.shutdown()
     return rows
@@ -141,6 +194,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"])
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument(
+        "--kernels", nargs="+", default=["auto", "torch"], help="compute paths of the decode steps"
+    )
     p.add_argument("--skip-steps", action="store_true", help="only kernels and all-reduce")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -163,9 +219,11 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {ar[name]['median_us']:.1f} | {ar[name]['p90_us']:.1f} |")
     print()
     if not args.skip_steps:
-        report["decode_step"] = decode_step_table(model_path, args.tp, args.dtypes, args.batches, args.repeat)
+        report["decode_step"] = decode_step_table(
+            model_path, args.tp, args.dtypes, args.batches, args.repeat, args.kernels
+        )
         print("### Decode step through the worker pool (context 128)\n")
-        print(_md(report["decode_step"], ["tp", "dtype", "batch", "ms", "tok_s"]) + "\n")
+        print(_md(report["decode_step"], ["path", "tp", "dtype", "batch", "ms", "tok_s"]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -53,7 +53,10 @@ def _stamp(peer: str, root: Path) -> Path:
 
 
 def is_set_up(peer: str, root: Path) -> bool:
-    return _stamp(peer, root).exists() and (peer != "naive" or (root / "export").exists())
+    stamp = _stamp(peer, root)
+    if peer == "llama":  # built for this CPU's ISA, or built again
+        return stamp.exists() and stamp.read_text() == _llama_stamp()
+    return stamp.exists() and (peer != "naive" or (root / "export").exists())
 
 
 def _run(cmd: list[str], log: Path, **kw: object) -> None:
@@ -98,7 +101,7 @@ def setup_llama(root: Path) -> Path:
             tar.extractall(src, members=members, filter="data")
     build = d / "build"
     cmake = [tools["cmake"] or "cmake", "-S", str(vendored), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-             "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DBUILD_SHARED_LIBS=OFF", *llama_isa_flags(), "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_OPENSSL=OFF", "-DGGML_CCACHE=OFF",
              # the web UI comes prebuilt from a model hub or from npm: neither is reachable here
              "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]  # fmt: skip
@@ -110,8 +113,38 @@ def setup_llama(root: Path) -> Path:
     (d / "bin").mkdir(exist_ok=True)
     binary = d / "bin" / "llama-server"
     shutil.copy2(build / "bin" / "llama-server", binary)
-    _stamp("llama", root).write_text(LLAMA_CPP_PYTHON + "\n")
+    _stamp("llama", root).write_text(_llama_stamp())
     return binary
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def llama_isa_flags(flags: set[str] | None = None) -> list[str]:
+    """llama.cpp's ISA named, never GGML_NATIVE: -march=native turns on AMX where the CPU has it, and
+    on VMs that do not grant the tile state its AMX kernel dies with SIGILL. AVX2 + FMA + F16C, plus
+    AVX-512 (with VNNI / BF16 when present) where the CPU has it; never AMX."""
+    flags = _cpu_flags() if flags is None else flags
+    out = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+           "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]  # fmt: skip
+    if "avx_vnni" in flags:
+        out.append("-DGGML_AVX_VNNI=ON")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        out.append("-DGGML_AVX512=ON")
+        if "avx512_vnni" in flags:
+            out.append("-DGGML_AVX512_VNNI=ON")
+        if "avx512_bf16" in flags:
+            out.append("-DGGML_AVX512_BF16=ON")
+    return out
+
+
+def _llama_stamp() -> str:
+    """The build's identity: the sources and the ISA flags (a build for another CPU is rebuilt)."""
+    return LLAMA_CPP_PYTHON + " " + " ".join(llama_isa_flags()) + "\n"
 
 
 def setup_vllm(root: Path) -> None:

@@ -1,5 +1,10 @@
 """Attention over a paged KV cache, for a ragged batch of prefill chunks and decode tokens.
 
+Two paths compute the same attention. With the C++ kernels (`KernelAttention`), one call attends
+every row of the step, reading K/V blocks in place: row t at position p attends positions 0..p of
+its sequence, exactly as its decode step would, in the kernel's fixed reduction order, so a row's
+result depends on nothing but its sequence. The torch path below is the reference and fallback.
+
 The cache of one layer is two tensors [num_slots, kv_heads, head_dim] (slot = block * block_size
 + offset). Each step the runner computes, once for all layers, where the new tokens' K/V go
 (`slot_mapping`) and which slots hold each sequence's context (`context_slots`).
@@ -18,9 +23,14 @@ no KV and attend to nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from app.kernels import CpuKernels
 
 
 @dataclass
@@ -34,10 +44,59 @@ class SeqSpan:
 
 
 @dataclass
+class KernelAttention:
+    """What the kernel path needs, as tensors built once per step for every layer."""
+
+    kernels: CpuKernels
+    slots: torch.Tensor  # long [rows]: cache slot of each row's new K/V, -1 for padding rows
+    tables: torch.Tensor  # int32 [sequences, max blocks]: block tables, zero-padded
+    row_seq: torch.Tensor  # int32 [rows]: the row's sequence (index into tables)
+    row_len: torch.Tensor  # int32 [rows]: positions the row attends (its position + 1; 0: padding)
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # long [num_tokens]: cache slot for each real token's K/V
     spans: list[SeqSpan]
     batch_invariant: bool = False  # attend every query row on its own (see the module docstring)
+    kernel: KernelAttention | None = None  # set: the C++ kernels attend (spans unused)
+
+
+def build_kernel_metadata(
+    query_lens: list[int],
+    start_positions: list[int],
+    block_tables: list[tuple[int, ...]],
+    block_size: int,
+    kernels: CpuKernels,
+    num_rows: int,
+) -> AttentionMetadata:
+    """Per-row metadata for the kernel path (rows past the real tokens are padding)."""
+    n = sum(query_lens)
+    row_seq = np.zeros(num_rows, dtype=np.int32)
+    row_len = np.zeros(num_rows, dtype=np.int32)
+    slots = np.full(num_rows, -1, dtype=np.int64)
+    tables = np.zeros(
+        (len(block_tables), max((len(t) for t in block_tables), default=0) or 1), dtype=np.int32
+    )
+    row = 0
+    for i, (q, start, table) in enumerate(zip(query_lens, start_positions, block_tables, strict=True)):
+        tables[i, : len(table)] = table
+        pos = np.arange(start, start + q)
+        row_seq[row : row + q] = i
+        row_len[row : row + q] = pos + 1
+        slots[row : row + q] = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        row += q
+    slots_t = torch.from_numpy(slots)
+    kernel = KernelAttention(
+        kernels,
+        slots_t,
+        torch.from_numpy(tables),
+        torch.from_numpy(row_seq),
+        torch.from_numpy(row_len),
+        block_size,
+    )
+    return AttentionMetadata(slots_t[:n], [], True, kernel)
 
 
 def build_spans(
@@ -72,6 +131,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] for the new tokens (T may include padding rows) -> [T, Hq, D]."""
     k_cache, v_cache = kv_cache
+    if meta.kernel is not None:
+        m = meta.kernel
+        m.kernels.kv_write(k, v, m.slots, k_cache, v_cache)
+        return m.kernels.attention(q, k_cache, v_cache, m.tables, m.row_seq, m.row_len, m.block_size, scale)
     n = meta.slot_mapping.numel()
     k_cache.index_copy_(0, meta.slot_mapping, k[:n])
     v_cache.index_copy_(0, meta.slot_mapping, v[:n])

@@ -56,6 +56,11 @@ class QuantLinear(nn.Module):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return self.fmt.matmul(self.bufs(), x)
 
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight, scale or None, bias or None) for the C++ kernels' fused blocks."""
+        weight, scale = self.fmt.kernel_operands(self.bufs())
+        return weight, scale, self.bias if self.has_bias else None
+
 
 @dataclass(frozen=True)
 class Shard:

@@ -25,7 +25,7 @@ from app.model.config import ModelConfig
 from app.model.errors import ModelLoadError
 from app.model.gguf_file import read_gguf
 from app.model.loader import read_config
-from app.model.memory import kv_bytes_per_token
+from app.model.memory import KV_BYTES, kv_bytes_per_token
 from app.model.registry import model_class
 
 PARTS = ("embeddings", "attention", "mlp", "norms", "lm_head", "other")
@@ -93,6 +93,7 @@ class ModelCosts:
     block_size: int
     kv_tokens: int  # per-sequence blocks rounded up, times max_num_seqs
     kv_bytes_per_token: int  # the whole model's K and V of one token (one rank)
+    kv_dtype: str  # fp32 or fp16 (app/model/memory.kv_cache_dtype)
     splits: tuple[SplitCost, ...] = field(default=())
 
     @property
@@ -207,10 +208,10 @@ def part_of(name: str) -> str:
 
 
 def _rank_cost(
-    config: ModelConfig, tp: int, rank: int, shares: dict[str, WeightShare], kv_tokens: int
+    config: ModelConfig, tp: int, rank: int, shares: dict[str, WeightShare], kv_tokens: int, kv_bytes: int
 ) -> RankCost:
     hs = head_split(config.num_heads, config.num_kv_heads, tp)[rank]
-    per_token = kv_bytes_per_token(config, tp, rank)
+    per_token = kv_bytes_per_token(config, tp, rank, kv_bytes)
     return RankCost(
         rank=rank,
         q_heads=(hs.q_start, hs.q_start + hs.q_count),
@@ -233,6 +234,7 @@ def model_costs(
     max_num_seqs: int = 1,
     block_size: int = 16,
     device_kind: str = "cpu",
+    kv_dtype: str = "fp32",
 ) -> ModelCosts:
     """Every number `inspect` shows, from the file's metadata and tensor headers alone."""
     path = Path(path)
@@ -272,7 +274,7 @@ def model_costs(
         ranks = []
         for r in range(tp):
             shares = {d: _share(rank_layout(config, d, tp, r, device_kind), whole[d], tp) for d in dtypes}
-            ranks.append(_rank_cost(config, tp, r, shares, kv_tokens))
+            ranks.append(_rank_cost(config, tp, r, shares, kv_tokens, KV_BYTES[kv_dtype]))
         splits.append(SplitCost(tp, tuple(ranks)))
 
     return ModelCosts(
@@ -286,6 +288,7 @@ def model_costs(
         max_num_seqs=max_num_seqs,
         block_size=block_size,
         kv_tokens=kv_tokens,
-        kv_bytes_per_token=kv_bytes_per_token(config, 1, 0),
+        kv_bytes_per_token=kv_bytes_per_token(config, 1, 0, KV_BYTES[kv_dtype]),
+        kv_dtype=kv_dtype,
         splits=tuple(splits),
     )

@@ -81,9 +81,9 @@ class GPT2MLP(nn.Module):
 class GPT2Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.ln_1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fmt.kernels)
         self.attn = GPT2Attention(cfg, tp, comm, fmt)
-        self.ln_2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.ln_2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fmt.kernels)
         self.mlp = GPT2MLP(cfg, tp, comm, fmt)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -98,7 +98,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
         self.wpe = PositionEmbedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(GPT2Block(cfg, tp, comm, fmt) for _ in range(cfg.num_layers))
-        self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fmt.kernels)
         self.lm_head, self.lm_head_table = lm_head_for(self.wte, cfg.tie_word_embeddings, fmt, tp, comm)
 
     def forward(

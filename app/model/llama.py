@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from app.layers.activation import activation
-from app.layers.attention import AttentionMetadata, paged_attention
+from app.layers.attention import AttentionMetadata, KernelAttention, paged_attention
 from app.layers.embedding import VocabParallelEmbedding, lm_head_for
 from app.layers.linear import ColumnParallelLinear, Reader, RowParallelLinear, Shard
 from app.layers.norm import RMSNorm
@@ -80,9 +80,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, comm: Comm, fmt: WeightFormat, rope: RotaryEmbedding):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fmt.kernels)
         self.self_attn = LlamaAttention(cfg, tp, comm, fmt, rope)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fmt.kernels)
         self.mlp = LlamaMLP(cfg, tp, comm, fmt)
 
     def forward(self, positions, x, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -99,7 +99,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, tp, comm, fmt, rope) for _ in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fmt.kernels)
         self.lm_head, self.lm_head_table = lm_head_for(
             self.embed_tokens, cfg.tie_word_embeddings, fmt, tp, comm
         )
@@ -112,10 +112,41 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] for a flat ragged batch."""
+        if meta.kernel is not None and self.config.hidden_act == "silu":
+            return self._forward_fused(input_ids, positions, kv_caches, meta.kernel)
         x = self.embed_tokens(input_ids)
         for layer, cache in zip(self.layers, kv_caches, strict=False):
             x = layer(positions, x, cache, meta)
         return self.norm(x)
+
+    def _forward_fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], k: KernelAttention
+    ) -> torch.Tensor:
+        """The same forward through the C++ kernels, two parallel regions per layer: each half of
+        a layer (norm -> qkv -> rotary + KV write -> attention -> o_proj; norm -> gate_up ->
+        silu * up -> down) is one call, and the residual add joins the next half's norm. The
+        row-parallel all-reduces stay here, between the calls: one after each half."""
+        kernels = k.kernels
+        cos, sin = self.layers[0].self_attn.rope.tables()
+        x = self.embed_tokens(input_ids).contiguous()
+        residual: torch.Tensor | None = None
+        residual_bias: torch.Tensor | None = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            y = kernels.attn_block(
+                x, residual, residual_bias, layer.input_layernorm.weight, layer.input_layernorm.eps,
+                *attn.qkv_proj.kernel_operands(), attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                positions, cos, sin, k.slots, k_cache, v_cache, k.tables, k.row_seq, k.row_len,
+                k.block_size, attn.scale, *attn.o_proj.kernel_operands()[:2],
+            )  # fmt: skip
+            residual = attn.o_proj.comm.all_reduce(y)  # o_proj's one collective
+            residual_bias = attn.o_proj.bias if attn.o_proj.has_bias else None
+            norm = layer.post_attention_layernorm
+            gate_up, down = mlp.gate_up_proj.kernel_operands(), mlp.down_proj.kernel_operands()
+            y = kernels.mlp_block(x, residual, residual_bias, norm.weight, norm.eps, *gate_up, *down[:2])
+            residual = mlp.down_proj.comm.all_reduce(y)  # down_proj's one collective
+            residual_bias = down[2]
+        return kernels.add_norm(x, residual, residual_bias, self.norm.weight, None, self.norm.eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

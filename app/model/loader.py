@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from app.device import Device
+from app.kernels import CpuKernels
 from app.layers.parallel import Comm, ShardingError, TPContext, head_split
 from app.layers.quant import weight_format
 from app.layers.rotary import RopeScalingError
@@ -34,6 +35,7 @@ class LoadedModel:
     config: ModelConfig
     arena: torch.Tensor  # uint8, every weight of this rank is a view into it
     load_seconds: float
+    kernels: CpuKernels | None = None  # the C++ kernels the model computes with; None: torch path
 
     @property
     def weight_bytes(self) -> int:
@@ -66,6 +68,7 @@ def load_model(
     comm: Comm,
     *,
     device: Device | None = None,
+    kernels: CpuKernels | None = None,
 ) -> LoadedModel:
     t0 = time.perf_counter()
     config = read_config(path)
@@ -74,7 +77,7 @@ def load_model(
     except ShardingError as e:
         raise ModelLoadError(f"{path}: {e}") from None
     device = device or Device.resolve("cpu")
-    fmt = weight_format(dtype, device.kind)
+    fmt = weight_format(dtype, device.kind, kernels=kernels)
     try:
         model = model_class(config.architecture)(config, tp, comm, fmt)
     except RopeScalingError as e:
@@ -94,4 +97,4 @@ def load_model(
             loaders[name](lambda rows, cols, read=read: uploader.upload(read(rows, cols)))
         device.synchronize()
     ckpt.close()
-    return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0)
+    return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0, kernels)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from app.layers.parallel import head_split
 from app.model.config import ModelConfig
 
-KV_DTYPE_BYTES = 4  # the KV cache is kept in fp32 on CPU (attention computes in fp32)
+KV_DTYPE_BYTES = 4  # fp32, the torch path's and --dtype fp32's KV cache
+KV_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def kv_cache_dtype(weight_dtype: str, kernels: bool) -> str:
+    """The KV cache's dtype: fp16 under our C++ kernels for the int8 and 16-bit weight dtypes (decode
+    at a long context reads the whole cache every step: half the bytes; attention still computes
+    in fp32), fp32 for `--dtype fp32` (the mode that must equal transformers) and the torch path."""
+    return "fp16" if kernels and weight_dtype != "fp32" else "fp32"
 
 
 def kv_bytes_per_token(config: ModelConfig, tp: int, rank: int, dtype_bytes: int = KV_DTYPE_BYTES) -> int:

@@ -47,6 +47,7 @@ class PoolConfig:
     step_timeout: float = 60.0
     death_timeout: float = 2.0
     load_timeout: float = 600.0
+    kernels: str = "auto"  # compute path of the ranks (app/kernels): auto, avx512, avx2, torch
 
 
 def _free_port() -> int:
@@ -90,6 +91,7 @@ class WorkerPool:
             seed=cfg.seed,
             comm_timeout=cfg.step_timeout,
             remote=self.remote,
+            kernels=cfg.kernels,
         )
         # OpenMP threads that spin at barriers collapse when the cores are shared: measured 1.65 s
         # per fp32 decode step at load average 4.5 versus 0.16 s with passive waiting (0.09 s on one

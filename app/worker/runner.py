@@ -10,32 +10,9 @@ from collections.abc import Callable
 import torch
 
 from app.engine.types import SampledToken, StepOutput, StepPlan
-from app.layers.attention import build_spans
-from app.layers.linear import QuantLinear
-from app.layers.quant import Float32
+from app.layers.attention import build_kernel_metadata, build_spans
 from app.model.loader import LoadedModel
 from app.worker.sampler import Sampler
-
-
-def batch_invariant_rows(loaded: LoadedModel) -> int:
-    """Row count the step's activations are padded to a multiple of, so a row's result does not
-    depend on the batch size. MKL's sgemm rounds a row differently when M < 4 (and, with 2 threads,
-    when 5 <= M <= 11), while every M that is a multiple of 4 gives bitwise the same rows (measured
-    on every linear shape of the default and test models, 1 to 3 threads). int8 weight-only is
-    batch-invariant as it is. 16-bit weights are left alone: padding would push batch 1 off its
-    fast 16-bit GEMV (Half16), and correctness is judged in fp32."""
-    fmt = next(m.fmt for m in loaded.model.modules() if isinstance(m, QuantLinear))
-    return 4 if isinstance(fmt, Float32) else 1
-
-
-def _pad(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def kv_bytes_per_token(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of K and V one token occupies on this rank, over all layers."""
-    kv_heads, head_dim = loaded.model.kv_shape()
-    return 2 * loaded.config.num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def unpack_bitmask(data: bytes, rows: int) -> torch.Tensor:
@@ -65,7 +42,6 @@ class ModelRunner:
         self.kv_storage = torch.empty(loaded.config.num_layers, 2, slots, kv_heads, head_dim, dtype=kv_dtype)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_storage]
         self.sampler = Sampler(loaded.config.vocab_size, seed) if is_driver else None
-        self.row_multiple = batch_invariant_rows(loaded)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -88,7 +64,9 @@ class ModelRunner:
                 self.sampler.drop(seq_id)
         return result
 
-    def _forward(self, plan: StepPlan, masks: Callable[[], bytes] | None) -> StepOutput | None:
+    def logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward of a plan: logits [sampled chunks, vocab] (every rank computes them: the LM
+        head's all-gather is a collective), or None when no chunk samples."""
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []
@@ -97,24 +75,26 @@ class ModelRunner:
             positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
             if c.sample:
                 sample_rows.append(len(ids) - 1)
-        meta = build_spans(
-            [len(c.token_ids) for c in plan.chunks],
-            [c.start_pos + len(c.token_ids) for c in plan.chunks],
-            [c.block_table for c in plan.chunks],
-            self.block_size,
-            batch_invariant=True,  # the engine promises batched == alone, bitwise
-        )
-        # Padding rows (token 0 at position 0) write no KV and attend to nothing: see attention.py.
-        pad = _pad(len(ids), self.row_multiple) - len(ids)
-        ids.extend([0] * pad)
-        positions.extend([0] * pad)
+        query_lens = [len(c.token_ids) for c in plan.chunks]
+        tables = [c.block_table for c in plan.chunks]
+        if self.loaded.kernels is not None:
+            starts = [c.start_pos for c in plan.chunks]
+            meta = build_kernel_metadata(
+                query_lens, starts, tables, self.block_size, self.loaded.kernels, len(ids)
+            )
+        else:
+            ends = [c.start_pos + len(c.token_ids) for c in plan.chunks]
+            # batch_invariant: the engine promises batched == alone, bitwise
+            meta = build_spans(query_lens, ends, tables, self.block_size, batch_invariant=True)
         hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
         if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+
+    def _forward(self, plan: StepPlan, masks: Callable[[], bytes] | None) -> StepOutput | None:
+        logits = self.logits(plan)
+        if logits is None:
             return StepOutput(plan.step_id, ()) if self.sampler is not None else None
-        # The LM head's all-gather is a collective: every rank computes logits for the same rows.
-        num_sampled = len(sample_rows)
-        rows = sample_rows + [sample_rows[-1]] * (_pad(num_sampled, self.row_multiple) - num_sampled)
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])[:num_sampled]
         if self.sampler is None:
             return None
         sampling = [c for c in plan.chunks if c.sample]

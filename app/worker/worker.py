@@ -26,8 +26,10 @@ import torch
 
 from app.device import Device
 from app.engine.types import StepOutput, StepPlan
+from app.kernels import describe, load_kernels
 from app.layers.parallel import TPContext
 from app.model.loader import load_model
+from app.model.memory import kv_cache_dtype
 from app.worker.comm import init_distributed, make_communicator
 from app.worker.faults import Fault
 from app.worker.runner import ModelRunner
@@ -55,6 +57,7 @@ class WorkerArgs:
     # plans then reach every rank through a torch.distributed broadcast from rank 0 instead of
     # pipes, and the per-layer collectives use gloo/NCCL instead of shared memory.
     remote: bool = False
+    kernels: str = "auto"  # compute path (app/kernels.resolve); CPU ranks only
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class RankReady:
     kv_cache_bytes: int
     load_seconds: float
     peak_rss_bytes: int  # ru_maxrss after loading: the rank's peak while loading
+    compute: str = "torch"  # the compute path this rank runs (app/kernels.describe)
 
 
 @dataclass(frozen=True)
@@ -104,26 +108,40 @@ def worker_main(
             max_elems=args.max_num_batched_tokens * 8192,
             timeout_s=args.comm_timeout,
         )
+        kernels = load_kernels(args.kernels, args.threads) if device.kind == "cpu" else None
+        if kernels is not None:
+            # The kernels' own team computes everything heavy; torch's OpenMP threads would only
+            # add wake-ups (~56 us each, passive) to the small element-wise ops left to torch.
+            torch.set_num_threads(1)
         loaded = load_model(
             args.model_path,
             args.dtype,
             TPContext(rank, args.world_size),
             comm,
             device=device,
+            kernels=kernels,
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the KV cache
         fault = Fault.from_env(rank)  # a malformed SHARDSERVE_FAULT is a start-up error
+        kv_dtype = kv_cache_dtype(args.dtype, kernels is not None)
         runner = ModelRunner(
             loaded,
             num_blocks=args.num_blocks,
             block_size=args.block_size,
             is_driver=rank == 0,
             seed=args.seed,
+            kv_dtype=torch.float16 if kv_dtype == "fp16" else torch.float32,
         )
         if args.remote:
             torch.distributed.barrier()  # ready only when every rank, local or not, has loaded
         if conn is not None:
-            conn.send(RankReady(rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak))
+            compute = describe(args.kernels) if kernels is not None or device.kind == "cpu" else device.kind
+            if kernels is not None:
+                compute += f", {kernels.threads} thread{'s' * (kernels.threads > 1)}"
+            ready = RankReady(
+                rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak, compute
+            )
+            conn.send(ready)
     except Exception as e:  # report, then exit: the pool turns this into a clear start-up error
         # A ValueError (ModelLoadError, ShardingError, ...) already says file and problem in one line.
         if conn is not None:

@@ -1,0 +1,390 @@
+// The kernels, written once over V16 and compiled once per ISA (isa_avx2.cpp, isa_avx512.cpp).
+//
+// Reduction order of every output (the whole point of this file): a dot product over K (linear) or
+// D (attention scores) accumulates element k into lane k % 16 with one fma per element, in
+// increasing k, the last partial block zero-filled; then vhadd's fixed tree adds the lanes. Softmax
+// sums exp(s_j - max) the same way over j; attention's weighted sum of V adds position j's term
+// for every j in increasing order, one fma per element. Norms reduce their row like a dot product.
+// Nothing here depends on M, on a row's place among the rows, on the tile an output falls in, on
+// the thread that computes it or on the ISA: tiles only share loads, never partial sums.
+//
+// Included inside the ISA namespace after vec16.h; SS_MR x SS_NR is the register tile of the
+// linear kernel (rows x outputs).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#ifndef SS_PREFETCH
+#define SS_PREFETCH 512
+#endif
+
+using ss::AttentionArgs;
+using ss::KvWriteArgs;
+using ss::LinearArgs;
+using ss::NormArgs;
+using ss::RopeKvArgs;
+using ss::SiluMulArgs;
+
+// ---- linear ----------------------------------------------------------------------------------
+
+template <int WF>
+static inline V16 wload(const void* w, int64_t i) {
+  if constexpr (WF == ss::W_F32) return vload(static_cast<const float*>(w) + i);
+  if constexpr (WF == ss::W_BF16) return vload_bf16(static_cast<const uint16_t*>(w) + i);
+  if constexpr (WF == ss::W_F16) return vload_f16(static_cast<const uint16_t*>(w) + i);
+  if constexpr (WF == ss::W_I8) return vload_i8(static_cast<const int8_t*>(w) + i);
+}
+
+template <int WF>
+static inline V16 wload_n(const void* w, int64_t i, int n) {
+  if constexpr (WF == ss::W_F32) return vload_n(static_cast<const float*>(w) + i, n);
+  if constexpr (WF == ss::W_BF16) return vload_bf16_n(static_cast<const uint16_t*>(w) + i, n);
+  if constexpr (WF == ss::W_F16) return vload_f16_n(static_cast<const uint16_t*>(w) + i, n);
+  if constexpr (WF == ss::W_I8) return vload_i8_n(static_cast<const int8_t*>(w) + i, n);
+}
+
+// Each output: the lanes' fixed tree, then the scale, then the bias.
+template <int MR, int NR>
+static inline void store_tile(const LinearArgs& a, const V16 (&acc)[MR][NR], int64_t m0, int64_t n0) {
+  for (int i = 0; i < MR; ++i) {
+    float* y = a.y + (m0 + i) * a.N + n0;
+    for (int j = 0; j < NR; ++j) {
+      float s = vhadd(acc[i][j]);
+      if (a.scale) s *= a.scale[n0 + j];
+      y[j] = a.bias ? s + a.bias[n0 + j] : s;
+    }
+  }
+}
+
+// A packed tile (NR == kPackRows, n0 % kPackRows == 0): 64 contiguous bytes per 16-element block.
+template <int MR>
+static void linear_tile_packed(const LinearArgs& a, int64_t m0, int64_t n0) {
+  constexpr int NR = ss::kPackRows;
+  const int64_t K = a.K;
+  const float* x = a.x + m0 * K;
+  const int8_t* w = static_cast<const int8_t*>(a.w) + n0 * K;  // tile n0 / 4 starts at n0 * K bytes
+  V16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  for (int64_t k = 0; k < K; k += 16, w += 16 * NR) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + SS_PREFETCH, _MM_HINT_T0);
+    V16 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = vload_i8(w + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      V16 xv = vload(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+  store_tile<MR, NR>(a, acc, m0, n0);
+}
+
+template <int WF, int MR, int NR>
+static void linear_tile(const LinearArgs& a, int64_t m0, int64_t n0) {
+  const int64_t K = a.K;
+  const float* x = a.x + m0 * K;
+  V16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  int64_t k = 0;
+  constexpr int64_t wbytes = WF == ss::W_F32 ? 4 : WF >= ss::W_I8 ? 1 : 2;
+  const char* wrow = static_cast<const char*>(a.w) + n0 * K * wbytes;
+  for (; k + 16 <= K; k += 16) {
+    V16 w[NR];
+    if ((k * wbytes) % 64 == 0)  // one line ahead per row and 64-byte line
+      for (int j = 0; j < NR; ++j) _mm_prefetch(wrow + (j * K + k) * wbytes + SS_PREFETCH, _MM_HINT_T0);
+    for (int j = 0; j < NR; ++j) w[j] = wload<WF>(a.w, (n0 + j) * K + k);
+    for (int i = 0; i < MR; ++i) {
+      V16 xv = vload(x + i * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, w[j], acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const int r = static_cast<int>(K - k);
+    V16 w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = wload_n<WF>(a.w, (n0 + j) * K + k, r);
+    for (int i = 0; i < MR; ++i) {
+      V16 xv = vload_n(x + i * K + k, r);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, w[j], acc[i][j]);
+    }
+  }
+  store_tile<MR, NR>(a, acc, m0, n0);
+}
+
+template <int WF, int MR, int NR>
+static void linear_tile_dispatch(const LinearArgs& a, int64_t m0, int mr, int64_t n0, int nr) {
+  // Tails of M and N use smaller tiles of the same arithmetic.
+  if constexpr (MR > 1) {
+    if (mr < MR) return linear_tile_dispatch<WF, MR - 1, NR>(a, m0, mr, n0, nr);
+  }
+  if constexpr (NR > 1 && WF != ss::W_I8_PACKED) {  // packed: N % 4 == 0, every tile is whole
+    if (nr < NR) return linear_tile_dispatch<WF, MR, NR - 1>(a, m0, mr, n0, nr);
+  }
+  if constexpr (WF == ss::W_I8_PACKED) linear_tile_packed<MR>(a, m0, n0);
+  else linear_tile<WF, MR, NR>(a, m0, n0);
+}
+
+template <int WF>
+static void linear_range_fmt(const LinearArgs& a, int64_t n_begin, int64_t n_end) {
+  // Outputs in chunks whose weights stay in L2 while every row block passes over them.
+  const int64_t wbytes = WF == ss::W_F32 ? 4 : WF >= ss::W_I8 ? 1 : 2;
+  const int64_t chunk = std::max<int64_t>(SS_NR, (192 * 1024 / std::max<int64_t>(1, a.K * wbytes)) / SS_NR * SS_NR);
+  for (int64_t c0 = n_begin; c0 < n_end; c0 += chunk) {
+    const int64_t c1 = std::min(n_end, c0 + chunk);
+    for (int64_t m0 = 0; m0 < a.M; m0 += SS_MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(SS_MR, a.M - m0));
+      for (int64_t n0 = c0; n0 < c1; n0 += SS_NR) {
+        const int nr = static_cast<int>(std::min<int64_t>(SS_NR, c1 - n0));
+        linear_tile_dispatch<WF, SS_MR, SS_NR>(a, m0, mr, n0, nr);
+      }
+    }
+  }
+}
+
+static void linear_range(const LinearArgs& a, int64_t n0, int64_t n1) {
+  switch (a.wfmt) {
+    case ss::W_F32: return linear_range_fmt<ss::W_F32>(a, n0, n1);
+    case ss::W_BF16: return linear_range_fmt<ss::W_BF16>(a, n0, n1);
+    case ss::W_F16: return linear_range_fmt<ss::W_F16>(a, n0, n1);
+    case ss::W_I8: return linear_range_fmt<ss::W_I8>(a, n0, n1);
+    case ss::W_I8_PACKED: return linear_range_fmt<ss::W_I8_PACKED>(a, n0, n1);
+  }
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+template <bool F16>
+static inline V16 kvload(const void* base, int64_t i) {
+  if constexpr (F16) return vload_f16(static_cast<const uint16_t*>(base) + i);
+  else return vload(static_cast<const float*>(base) + i);
+}
+
+template <bool F16>
+static inline V16 kvload_n(const void* base, int64_t i, int n) {
+  if constexpr (F16) return vload_f16_n(static_cast<const uint16_t*>(base) + i, n);
+  else return vload_n(static_cast<const float*>(base) + i, n);
+}
+
+constexpr int kMaxGroup = 16;   // query heads per KV head handled in one pass over K and V
+constexpr int kMaxDChunks = 16;  // head_dim up to 256
+
+template <bool F16>
+static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::vector<float>& scratch) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D, L = a.row_len[t];
+  const int64_t Lp = (L + 15) / 16 * 16;
+  const int dchunks = static_cast<int>((D + 15) / 16);
+  const int dtail = static_cast<int>(D - (dchunks - 1) * 16);
+  for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup) {
+    const int64_t gn = std::min<int64_t>(kMaxGroup, G - g0);
+    const float* q0 = a.q + (t * a.Hq + h * G + g0) * D;
+    float* out0 = a.out + (t * a.Hq + h * G + g0) * D;
+    if (L == 0) {
+      std::fill(out0, out0 + gn * D, 0.0f);
+      continue;
+    }
+    if (static_cast<int64_t>(scratch.size()) < gn * Lp) scratch.resize(gn * Lp);
+    const int32_t* table = a.tables + a.row_seq[t] * a.table_stride;
+    auto slot_of = [&](int64_t j) { return static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size; };
+    // scores: s[g][j] = (q_g . k_j) * scale
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t kbase = (slot_of(j) * a.Hkv + h) * D;
+      for (int64_t g = 0; g < gn; ++g) {
+        const float* q = q0 + g * D;
+        V16 acc = vzero();
+        for (int c = 0; c < dchunks - 1; ++c) acc = vfma(vload(q + c * 16), kvload<F16>(a.k_cache, kbase + c * 16), acc);
+        const int64_t d = (dchunks - 1) * 16;
+        acc = vfma(vload_n(q + d, dtail), kvload_n<F16>(a.k_cache, kbase + d, dtail), acc);
+        scratch[g * Lp + j] = vhadd(acc) * a.scale;
+      }
+    }
+    // softmax numerators in place, and their sums
+    float inv_sum[kMaxGroup];
+    for (int64_t g = 0; g < gn; ++g) {
+      float* s = scratch.data() + g * Lp;
+      V16 m = vset1(-INFINITY);
+      int64_t j = 0;
+      for (; j + 16 <= L; j += 16) m = vmax(m, vload(s + j));
+      float mx_s = vhmax(m);  // max is exact in any order
+      for (; j < L; ++j) mx_s = std::max(mx_s, s[j]);
+      const V16 mx = vset1(mx_s);
+      V16 sum = vzero();
+      for (j = 0; j + 16 <= L; j += 16) {
+        V16 e = vexp(vsub(vload(s + j), mx));
+        vstore(s + j, e);
+        sum = vadd(sum, e);
+      }
+      if (j < L) {
+        const int r = static_cast<int>(L - j);
+        vstore_n(s + j, vexp(vsub(vload_n(s + j, r), mx)), r);
+        sum = vadd(sum, vload_n(s + j, r));
+      }
+      inv_sum[g] = vhadd(sum);
+    }
+    // out_g = sum_j p_gj v_j / sum_g, j in increasing order
+    V16 acc[kMaxGroup][kMaxDChunks];
+    for (int64_t g = 0; g < gn; ++g)
+      for (int c = 0; c < dchunks; ++c) acc[g][c] = vzero();
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t vbase = (slot_of(j) * a.Hkv + h) * D;
+      for (int c = 0; c < dchunks; ++c) {
+        const V16 v = c < dchunks - 1 ? kvload<F16>(a.v_cache, vbase + c * 16)
+                                      : kvload_n<F16>(a.v_cache, vbase + c * 16, dtail);
+        for (int64_t g = 0; g < gn; ++g) acc[g][c] = vfma(vset1(scratch[g * Lp + j]), v, acc[g][c]);
+      }
+    }
+    for (int64_t g = 0; g < gn; ++g) {
+      const V16 sum = vset1(inv_sum[g]);
+      for (int c = 0; c < dchunks; ++c) {
+        const V16 o = vdiv(acc[g][c], sum);
+        if (c < dchunks - 1) vstore(out0 + g * D + c * 16, o);
+        else vstore_n(out0 + g * D + c * 16, o, dtail);
+      }
+    }
+  }
+}
+
+static void attention_tasks(const AttentionArgs& a, int64_t first, int64_t stride) {
+  thread_local std::vector<float> scratch;
+  const int64_t n = a.T * a.Hkv;
+  for (int64_t i = first; i < n; i += stride) {
+    if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, scratch);
+    else attention_task<false>(a, i / a.Hkv, i % a.Hkv, scratch);
+  }
+}
+
+// ---- norms -----------------------------------------------------------------------------------
+
+static inline float row_sum(const float* x, int64_t H, const float* center) {
+  // sum of x (center null) or of (x - center)^2, in the lane order of a dot product
+  V16 acc = vzero();
+  const V16 c = vset1(center ? *center : 0.0f);
+  int64_t k = 0;
+  for (; k + 16 <= H; k += 16) {
+    V16 v = vload(x + k);
+    if (center) { v = vsub(v, c); acc = vfma(v, v, acc); }
+    else acc = vadd(acc, v);
+  }
+  if (k < H) {
+    const int r = static_cast<int>(H - k);
+    V16 v = vload_n(x + k, r);
+    if (center) { v = vsub(v, c); v = vload_n(reinterpret_cast<const float*>(&v), r); acc = vfma(v, v, acc); }
+    else acc = vadd(acc, v);
+  }
+  return vhadd(acc);
+}
+
+static void norm_rows(const NormArgs& a, int64_t m0, int64_t m1) {
+  const int64_t H = a.H;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = a.x + m * H;
+    float* y = a.y + m * H;
+    if (a.residual) {  // x = x + residual (+ bias), in that order, as the torch path adds them
+      float* xw = const_cast<float*>(x);
+      const float* r = a.residual + m * H;
+      for (int64_t k = 0; k < H; ++k) {
+        const float add = a.residual_bias ? r[k] + a.residual_bias[k] : r[k];
+        xw[k] = xw[k] + add;
+      }
+    }
+    if (a.bias == nullptr) {  // RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), as transformers
+      V16 acc = vzero();
+      int64_t k = 0;
+      for (; k + 16 <= H; k += 16) { V16 v = vload(x + k); acc = vfma(v, v, acc); }
+      if (k < H) { V16 v = vload_n(x + k, static_cast<int>(H - k)); acc = vfma(v, v, acc); }
+      const V16 r = vset1(1.0f / std::sqrt(vhadd(acc) / static_cast<float>(H) + a.eps));
+      for (k = 0; k + 16 <= H; k += 16) vstore(y + k, vmul(vload(a.weight + k), vmul(vload(x + k), r)));
+      if (k < H) {
+        const int n = static_cast<int>(H - k);
+        vstore_n(y + k, vmul(vload_n(a.weight + k, n), vmul(vload_n(x + k, n), r)), n);
+      }
+    } else {  // LayerNorm: (x - mean) * rsqrt(var + eps) * weight + bias
+      const float mean = row_sum(x, H, nullptr) / static_cast<float>(H);
+      const float var = row_sum(x, H, &mean) / static_cast<float>(H);
+      const V16 r = vset1(1.0f / std::sqrt(var + a.eps)), mu = vset1(mean);
+      int64_t k = 0;
+      for (; k + 16 <= H; k += 16)
+        vstore(y + k, vadd(vmul(vmul(vsub(vload(x + k), mu), r), vload(a.weight + k)), vload(a.bias + k)));
+      if (k < H) {
+        const int n = static_cast<int>(H - k);
+        vstore_n(y + k,
+                 vadd(vmul(vmul(vsub(vload_n(x + k, n), mu), r), vload_n(a.weight + k, n)), vload_n(a.bias + k, n)),
+                 n);
+      }
+    }
+  }
+}
+
+// ---- KV write --------------------------------------------------------------------------------
+
+static void kv_write_rows(const KvWriteArgs& a, int64_t t0, int64_t t1) {
+  const int64_t E = a.row_elems;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t slot = a.slots[t];
+    if (slot < 0) continue;
+    for (int which = 0; which < 2; ++which) {
+      const float* src = (which ? a.v : a.k) + t * E;
+      if (!a.kv_f16) {
+        std::memcpy(static_cast<float*>(which ? a.v_cache : a.k_cache) + slot * E, src, E * sizeof(float));
+        continue;
+      }
+      uint16_t* dst = static_cast<uint16_t*>(which ? a.v_cache : a.k_cache) + slot * E;
+      int64_t k = 0;
+      for (; k + 16 <= E; k += 16) vstore_f16(dst + k, vload(src + k));
+      if (k < E) {
+        alignas(32) uint16_t b[16];
+        vstore_f16(b, vload_n(src + k, static_cast<int>(E - k)));
+        std::memcpy(dst + k, b, (E - k) * sizeof(uint16_t));
+      }
+    }
+  }
+}
+
+// ---- rotary + KV write, silu * mul ---------------------------------------------------------------
+
+// transformers: q * cos + rotate_half(q) * sin, rotate_half(q) = cat(-q[D/2:], q[:D/2]); each
+// product and the sum rounded separately (no fma), as torch's element-wise ops do.
+static inline void rope_head(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < half ? -x[d + half] : x[d - half];
+    const float a = x[d] * c[d];
+    const float b = rot * s[d];
+    out[d] = a + b;
+  }
+}
+
+static void rope_kv_rows(const RopeKvArgs& a, int64_t t0, int64_t t1) {
+  const int64_t D = a.D, width = (a.Hq + 2 * a.Hkv) * D, E = a.Hkv * D;
+  std::vector<float> k_rot(E);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* row = a.qkv + t * width;
+    const float* c = a.cos + a.positions[t] * D;
+    const float* s = a.sin + a.positions[t] * D;
+    for (int64_t h = 0; h < a.Hq; ++h) rope_head(row + h * D, c, s, D, a.q_out + (t * a.Hq + h) * D);
+    const int64_t slot = a.slots[t];
+    if (slot < 0) continue;
+    for (int64_t h = 0; h < a.Hkv; ++h) rope_head(row + (a.Hq + h) * D, c, s, D, k_rot.data() + h * D);
+    KvWriteArgs w{k_rot.data(), row + (a.Hq + a.Hkv) * D, 1, E, &a.slots[t], a.k_cache, a.v_cache, a.kv_f16};
+    kv_write_rows(w, 0, 1);
+  }
+}
+
+// silu(x) = x / (1 + exp(-x)), as torch's F.silu
+static inline V16 vsilu(V16 x) { return vdiv(x, vadd(vset1(1.0f), vexp(vsub(vzero(), x)))); }
+
+static void silu_mul_range(const SiluMulArgs& a, int64_t e0, int64_t e1) {
+  const int64_t I = a.I;
+  for (int64_t e = e0; e < e1;) {
+    const int64_t t = e / I, j = e % I;
+    const int64_t n = std::min<int64_t>({16, I - j, e1 - e});
+    const float* g = a.gu + t * 2 * I + j;
+    const float* u = g + I;
+    if (n == 16) vstore(a.out + e, vmul(vsilu(vload(g)), vload(u)));
+    else vstore_n(a.out + e, vmul(vsilu(vload_n(g, static_cast<int>(n))), vload_n(u, static_cast<int>(n))), static_cast<int>(n));
+    e += n;
+  }
+}
+
+static const ss::IsaOps kOps = {SS_ISA_NAME, linear_range, attention_tasks, norm_rows, kv_write_rows,
+                                rope_kv_rows, silu_mul_range, SS_NR};

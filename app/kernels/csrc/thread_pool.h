@@ -1,0 +1,107 @@
+// The kernels' threads: a fixed team that spins briefly between calls, then sleeps.
+//
+// Why not OpenMP: with OMP_WAIT_POLICY=PASSIVE (which the ranks need on shared cores) every
+// parallel region costs ~56 us to wake its threads, and a decode step opens ~150 of them. Here a
+// call costs ~1 us while the team is spinning; a worker spins for `spin_us` after its last task
+// (covering the Python between two kernels of one step), then blocks on a condition variable, so
+// threads sleep between steps and never burn a shared core for long.
+//
+// Work is split statically by the caller (each thread index gets fixed outputs), so which thread
+// computes an output never changes its value.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SS_PAUSE() _mm_pause()
+#else
+#define SS_PAUSE() std::this_thread::yield()
+#endif
+
+namespace ss {
+
+class ThreadPool {
+ public:
+  ThreadPool(int threads, int spin_us) : threads_(threads < 1 ? 1 : threads), spin_us_(spin_us) {
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { work(i); });
+  }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  ~ThreadPool() {
+    stop_.store(true);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      generation_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  int threads() const { return threads_; }
+
+  // Runs fn(i) for i in [0, threads) — i = 0 on the calling thread — and returns when all are done.
+  void run(const std::function<void(int)>& fn) {
+    if (threads_ == 1) return fn(0);
+    job_ = &fn;
+    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    fn(0);
+    for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
+      if (i < 1000) SS_PAUSE();
+      else std::this_thread::yield();  // a worker was preempted: let it run
+    }
+  }
+
+ private:
+  void work(int index) {
+    uint64_t seen = 0;
+    while (true) {
+      if (!wait_for_job(seen)) return;
+      seen = generation_.load(std::memory_order_acquire);
+      (*job_)(index);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  // Spin up to spin_us for a new generation, then sleep until one comes; false on shutdown.
+  bool wait_for_job(uint64_t seen) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    for (int i = 0;; ++i) {
+      if (generation_.load(std::memory_order_acquire) != seen) return !stop_.load();
+      SS_PAUSE();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+    }
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+    }
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+    return !stop_.load();
+  }
+
+  const int threads_;
+  const int spin_us_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+}  // namespace ss
