@@ -74,34 +74,6 @@ void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* n
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
 }
 
-// A spin-then-yield barrier for the team inside one pool.run: the phases of a fused block.
-// kSpins pauses are ~50-100 us: a peer on its own core arrives well within that; past it the peer
-// was preempted (the cores are shared), and spinning on would only keep it from running.
-class Barrier {
-  static constexpr int kSpins = 1000;
-
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait() {
-    if (n_ == 1) return;
-    const uint32_t g = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    for (int i = 0; gen_.load(std::memory_order_acquire) == g; ++i) {
-      if (i < kSpins) SS_PAUSE();
-      else std::this_thread::yield();  // a shared core: let the late thread run
-    }
-  }
-
- private:
-  const int n_;
-  std::atomic<int> count_{0};
-  std::atomic<uint32_t> gen_{0};
-};
-
 // Thread i's share [begin, end) of n items, in whole units of `align`.
 std::pair<int64_t, int64_t> share(int64_t n, int i, int threads, int64_t align = 1) {
   const int64_t per = (n + threads * align - 1) / (threads * align) * align;
@@ -302,7 +274,7 @@ class Kernels {
     if (M == 0) return y;
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
-    Barrier barrier(T);
+    ss::Barrier barrier(T);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
@@ -342,7 +314,7 @@ class Kernels {
     if (M == 0) return y;
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
-    Barrier barrier(T);
+    ss::Barrier barrier(T);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);

@@ -19,6 +19,8 @@
 #include <thread>
 #include <vector>
 
+#include <climits>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define SS_PAUSE() _mm_pause()
@@ -26,7 +28,67 @@
 #define SS_PAUSE() std::this_thread::yield()
 #endif
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace ss {
+
+// Sleep while *word == expected (returns at once if it differs), and wake every sleeper on word:
+// the slow half of spin-then-sleep waits. Elsewhere than Linux: a yield, which is correct, only
+// less kind to a shared core.
+inline void futex_wait(std::atomic<uint32_t>& word, uint32_t expected) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, expected, nullptr, nullptr, 0);
+#else
+  (void)word, (void)expected;
+  std::this_thread::yield();
+#endif
+}
+
+inline void futex_wake_all(std::atomic<uint32_t>& word) {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+#else
+  (void)word;
+#endif
+}
+
+// Spins of a wait before it sleeps: ~50 us of PAUSE. A peer on its own core arrives well within
+// that; past it the peer was preempted (the cores are shared), and spinning on would only keep it
+// from running.
+constexpr int kSpins = 1000;
+
+// A barrier for the team inside one ThreadPool::run: the phases of a fused block.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const uint32_t g = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(gen_);
+      return;
+    }
+    for (int i = 0; i < kSpins; ++i) {
+      if (gen_.load(std::memory_order_acquire) != g) return;
+      SS_PAUSE();
+    }
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    while (gen_.load(std::memory_order_seq_cst) == g) futex_wait(gen_, g);
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+  }
+
+ private:
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<int> sleepers_{0};
+};
 
 class ThreadPool {
  public:
@@ -51,16 +113,18 @@ class ThreadPool {
   void run(const std::function<void(int)>& fn) {
     if (threads_ == 1) return fn(0);
     job_ = &fn;
-    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    pending_.store(static_cast<uint32_t>(threads_ - 1), std::memory_order_relaxed);
     generation_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
     }
     fn(0);
-    for (int i = 0; pending_.load(std::memory_order_acquire) != 0; ++i) {
-      if (i < 1000) SS_PAUSE();
-      else std::this_thread::yield();  // a worker was preempted: let it run
+    for (int i = 0; i < kSpins && pending_.load(std::memory_order_acquire) != 0; ++i) SS_PAUSE();
+    if (pending_.load(std::memory_order_acquire) != 0) {  // a worker was preempted: sleep until it is done
+      caller_sleeping_.store(true, std::memory_order_seq_cst);
+      for (uint32_t left; (left = pending_.load(std::memory_order_seq_cst)) != 0;) futex_wait(pending_, left);
+      caller_sleeping_.store(false, std::memory_order_relaxed);
     }
   }
 
@@ -71,7 +135,8 @@ class ThreadPool {
       if (!wait_for_job(seen)) return;
       seen = generation_.load(std::memory_order_acquire);
       (*job_)(index);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
+      if (pending_.fetch_sub(1, std::memory_order_seq_cst) == 1 && caller_sleeping_.load(std::memory_order_seq_cst))
+        futex_wake_all(pending_);
     }
   }
 
@@ -97,7 +162,8 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   const std::function<void(int)>* job_ = nullptr;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint32_t> pending_{0};
+  std::atomic<bool> caller_sleeping_{false};
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   std::mutex mu_;
