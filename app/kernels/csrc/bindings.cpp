@@ -153,14 +153,8 @@ class Kernels {
     }
     if (M == 0 || N == 0) return;
     py::gil_scoped_release nogil;
-    // Contiguous output ranges per thread, in whole tiles.
-    const int T = pool_.threads();
-    const int64_t nr = ops_->linear_nr;
-    const int64_t per = (N + T * nr - 1) / (T * nr) * nr;
-    pool_.run([&](int i) {
-      const int64_t n0 = std::min<int64_t>(N, i * per), n1 = std::min<int64_t>(N, n0 + per);
-      if (n0 < n1) ops_->linear(a, n0, n1);
-    });
+    ss::WorkQueue outputs = linear_queue(a);
+    pool_.run([&](int) { outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); }); });
   }
 
   void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -187,8 +181,8 @@ class Kernels {
                         row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), out.data_ptr<float>()};
     if (T == 0) return;
     py::gil_scoped_release nogil;
-    const int threads = pool_.threads();
-    pool_.run([&](int i) { ops_->attention(a, i, threads); });
+    ss::WorkQueue tasks(T * Hkv, 1);
+    pool_.run([&](int) { tasks.drain([&](int64_t i0, int64_t i1) { ops_->attention(a, i0, i1); }); });
   }
 
   void norm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps,
@@ -275,17 +269,18 @@ class Kernels {
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
+    ss::WorkQueue qkv_q = linear_queue(qkv), attn_q(M * Hkv, 1), o_q = linear_queue(o);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
       barrier.wait();
-      linear_share(qkv, i, T);
+      qkv_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(qkv, n0, n1); });
       barrier.wait();
       ops_->rope_kv(rope, rows.first, rows.second);
       barrier.wait();
-      ops_->attention(attn, i, T);
+      attn_q.drain([&](int64_t i0, int64_t i1) { ops_->attention(attn, i0, i1); });
       barrier.wait();
-      linear_share(o, i, T);
+      o_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(o, n0, n1); });
     });
     return y;
   }
@@ -315,16 +310,17 @@ class Kernels {
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
+    ss::WorkQueue gu_q = linear_queue(gu), down_q = linear_queue(down);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
       barrier.wait();
-      linear_share(gu, i, T);
+      gu_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(gu, n0, n1); });
       barrier.wait();
       auto elems = share(M * I, i, T, 16);
       ops_->silu_mul(silu, elems.first, elems.second);
       barrier.wait();
-      linear_share(down, i, T);
+      down_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(down, n0, n1); });
     });
     return y;
   }
@@ -344,9 +340,10 @@ class Kernels {
   }
 
  private:
-  void linear_share(const ss::LinearArgs& a, int i, int T) {
-    auto outs = share(a.N, i, T, ops_->linear_nr);
-    if (outs.first < outs.second) ops_->linear(a, outs.first, outs.second);
+  // A linear layer's outputs in whole tiles, about eight chunks per thread.
+  ss::WorkQueue linear_queue(const ss::LinearArgs& a) const {
+    const int64_t nr = ops_->linear_nr;
+    return ss::WorkQueue(a.N, std::max<int64_t>(nr, a.N / (8 * pool_.threads()) / nr * nr));
   }
 
   ss::NormArgs norm_args(at::Tensor& x, const c10::optional<at::Tensor>& residual,

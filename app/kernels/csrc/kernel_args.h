@@ -93,8 +93,8 @@ struct IsaOps {
   const char* name;
   // Outputs [n0, n1) of every row.
   void (*linear)(const LinearArgs&, int64_t n0, int64_t n1);
-  // Tasks (row, kv head) numbered t * Hkv + h: those with index % stride == first.
-  void (*attention)(const AttentionArgs&, int64_t first, int64_t stride);
+  // Tasks (row, kv head) numbered t * Hkv + h, [i0, i1).
+  void (*attention)(const AttentionArgs&, int64_t i0, int64_t i1);
   void (*norm)(const NormArgs&, int64_t m0, int64_t m1);
   void (*kv_write)(const KvWriteArgs&, int64_t t0, int64_t t1);
   void (*rope_kv)(const RopeKvArgs&, int64_t t0, int64_t t1);

@@ -244,10 +244,9 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::ve
   }
 }
 
-static void attention_tasks(const AttentionArgs& a, int64_t first, int64_t stride) {
+static void attention_tasks(const AttentionArgs& a, int64_t i0, int64_t i1) {
   thread_local std::vector<float> scratch;
-  const int64_t n = a.T * a.Hkv;
-  for (int64_t i = first; i < n; i += stride) {
+  for (int64_t i = i0; i < i1; ++i) {
     if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, scratch);
     else attention_task<false>(a, i / a.Hkv, i % a.Hkv, scratch);
   }

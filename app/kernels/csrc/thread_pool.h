@@ -10,6 +10,7 @@
 // computes an output never changes its value.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -60,6 +61,22 @@ inline void futex_wake_all(std::atomic<uint32_t>& word) {
 // that; past it the peer was preempted (the cores are shared), and spinning on would only keep it
 // from running.
 constexpr int kSpins = 1000;
+
+// Work handed out in chunks to whichever thread asks next, inside one ThreadPool::run: a thread
+// that was preempted (the cores are shared) no longer holds up the team, and since an output's
+// arithmetic never depends on the thread computing it, the results do not change.
+class WorkQueue {
+ public:
+  WorkQueue(int64_t n, int64_t chunk) : n_(n), chunk_(chunk < 1 ? 1 : chunk) {}
+  template <typename F>
+  void drain(F&& f) {
+    for (int64_t b; (b = next_.fetch_add(chunk_, std::memory_order_relaxed)) < n_;) f(b, std::min(n_, b + chunk_));
+  }
+
+ private:
+  const int64_t n_, chunk_;
+  std::atomic<int64_t> next_{0};
+};
 
 // A barrier for the team inside one ThreadPool::run: the phases of a fused block.
 class Barrier {
