@@ -118,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(ns)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "settings"
-        print(f"shardserve: error: {loc}: {err['msg']}", file=sys.stderr)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = "--" + str(err["loc"][0]).replace("_", "-") + ": " if err["loc"] else ""
+        print(f"shardserve: error: {where}{msg}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -77,12 +77,31 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
 
-    @field_validator("api_key", "allowed_origins", mode="before")
+    @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        # the environment gives one string; its empty items are kept so that the check below sees them
+        return v.split(",") if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, keys: list[str]) -> list[str]:
+        # `--api-key "$UNSET_VAR"` must not switch authentication on with an empty key that an empty
+        # bearer token matches, nor off: it is a mistake, said at start-up
+        keys = [k.strip() for k in keys]
+        if not all(keys):
+            raise ValueError(
+                "an API key is empty or only whitespace (an unset variable in a script?); give real "
+                "keys, or no --api-key and no SHARDSERVE_API_KEY at all to serve without keys"
+            )
+        return keys
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
@@ -91,5 +110,8 @@ class Settings(BaseSettings):
                 lines = self.api_key_file.read_text().splitlines()
             except OSError as e:
                 raise ValueError(f"--api-key-file {self.api_key_file}: {e.strerror}") from None
-            self.api_key = [*self.api_key, *(k.strip() for k in lines if k.strip())]
+            keys = [k.strip() for k in lines if k.strip()]  # blank lines separate keys, they are not keys
+            if not keys:  # an empty mounted secret would otherwise serve without authentication
+                raise ValueError(f"--api-key-file {self.api_key_file} holds no API key (only blank lines)")
+            self.api_key = [*self.api_key, *keys]
         return self
