@@ -66,7 +66,14 @@ def create_app(
             if state.runtime is not None:
                 await asyncio.to_thread(state.runtime.shutdown)
 
-    app = FastAPI(title="shardserve", summary="OpenAI-compatible model server", lifespan=lifespan)
+    # No redirect_slashes: Starlette builds that redirect's URL from the Host header, so
+    # `POST /v1/completions/` with `Host: evil.example` answered 307 to evil.example; now a 404.
+    app = FastAPI(
+        title="shardserve",
+        summary="OpenAI-compatible model server",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
     app.state.shardserve = state
     app.state.metrics = state.metrics
     _install_error_handlers(app)
