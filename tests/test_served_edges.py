@@ -56,3 +56,39 @@ def test_the_api_docs_stay_open_and_declare_the_bearer_scheme(server) -> None:
         assert schema["paths"][path][method]["security"] == [{"APIKey": []}], path
     for path in ("/health", "/ready", "/version"):  # open routes: "Authorize" sends nothing there
         assert "security" not in schema["paths"][path]["get"], path
+
+
+def test_requests_that_cannot_fit_get_a_400_and_length_means_a_limit_was_reached(server) -> None:
+    """The issue's probes at --kv-cache-tokens 1024: a 1,500-token prompt, a 1,230-token chat and
+    900 tokens + max_tokens 200 each answered 200 with empty or cut output and `length`. With a
+    cache that holds the whole context (start-up refuses a smaller one) each is a 400 naming the
+    numbers, and what fits runs to its max_tokens."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
+        cases = [
+            ("/v1/completions", {"prompt": [5] * 1500}, (1024, 1500)),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Paris " * 1230}]}, (1024,)),
+            ("/v1/completions", {"prompt": [5] * 900, "max_tokens": 200}, (1024, 1100, 900, 200)),
+            (
+                "/v1/completions",
+                {"prompt": [5] * 1001, "max_tokens": 24, "stream": True},
+                (1024, 1025, 1001, 24),
+            ),
+        ]
+        for path, body, numbers in cases:
+            r = c.post(path, json={"model": "tiny", **body})
+            assert r.status_code == 400, (body.keys(), r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["code"] == "context_length_exceeded", error
+            assert all(str(n) in error["message"] for n in numbers), error["message"]
+        r = c.post("/v1/completions", json={"prompt": [5] * 900, "max_tokens": 120, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        assert r.status_code == 200 and choice["finish_reason"] == "length" and choice["text"]
+        assert usage == {**usage, "prompt_tokens": 900, "completion_tokens": 120}
+        # without max_tokens a chat may fill the rest of the context: `length` there means the context
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi " * 100}],
+                                                 "ignore_eos": True})  # fmt: skip
+        assert r.status_code == 200, r.text
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        assert r.status_code == 200 and choice["finish_reason"] == "length"
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 1024
