@@ -149,9 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )
         if ns.command == "serve":
+            from app.api.listen import bind_listener
+
+            # before the seconds of importing torch and loading: a busy port fails at once
+            sock = bind_listener(settings.host, settings.port)
             from app.api.server import serve
 
-            return serve(settings)
+            return serve(settings, sock, debug=ns.debug)
         if ns.command == "inspect":
             from app.inspect import inspect_command
 

@@ -5,11 +5,12 @@ do, no traceback, and nothing listening or left running."""
 from __future__ import annotations
 
 import socket
+import time
 
 import httpx
 import pytest
 
-from tests.api_server import ServeProcess
+from tests.api_server import ServeProcess, child_pids
 from tests.models import tiny_llama
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,3 +76,44 @@ def test_keys_are_stripped_and_an_empty_bearer_token_is_refused(model, tmp_path)
                     answer += chunk
             assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (header, answer[:300])
         assert httpx.get(srv.url + "/v1/models").status_code == 401
+
+
+def test_a_busy_port_fails_at_once_with_nothing_spawned(model) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        srv = ServeProcess("--model", str(model), "--dtype", "fp32", "--port", str(port))
+        pids = []
+        while srv.proc.poll() is None and time.monotonic() - t0 < 20:
+            pids += child_pids(srv.proc.pid)
+            time.sleep(0.01)
+        srv.wait_exit(20)
+        elapsed = time.monotonic() - t0
+    line = [ln for ln in srv.output.splitlines() if ln.startswith("shardserve: error:")]
+    assert srv.proc.returncode == 1 and len(line) == 1, srv.output
+    assert f"cannot listen on 127.0.0.1:{port}" in line[0] and "already in use" in line[0]
+    assert "--port" in line[0] and "Traceback" not in srv.output and "ready: " not in srv.output
+    assert not pids, pids  # no rank, not even briefly
+    assert elapsed < 2.0, elapsed
+
+
+@pytest.mark.parametrize(
+    ("args", "context", "limit"),
+    [
+        ([], 2048, "the model's context of 2048"),
+        (["--max-model-len", "1500"], 1500, "--max-model-len 1500"),
+    ],
+)
+def test_a_kv_cache_smaller_than_the_context_is_refused_before_loading(model, args, context, limit) -> None:
+    line = refused("--model", str(model), "--kv-cache-tokens", "1024", *args)
+    assert f"--kv-cache-tokens 1024 is smaller than the context of {context} tokens ({limit})" in line
+    assert f"Raise --kv-cache-tokens to {context} or more, or lower --max-model-len to 1024 or less" in line
+
+
+def test_a_kv_cache_the_size_of_the_context_is_enough(model) -> None:
+    args = ["--model", str(model), "--dtype", "fp32", "--kv-cache-tokens", "1024", "--max-model-len", "1024"]
+    with ServeProcess(*args) as srv:
+        srv.wait_ready()
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["max_model_len"] == 1024

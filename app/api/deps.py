@@ -33,6 +33,7 @@ class ServerState:
     load_error: str | None = None  # the model failed to load: serve() exits non-zero
     metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
     request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
+    debug: bool = False  # --debug: tracebacks in the log (a failed load)
 
     @property
     def draining(self) -> bool:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
@@ -25,11 +26,14 @@ from fastapi.responses import JSONResponse
 from app.api.backpressure import Admission
 from app.api.deps import ServerState
 from app.api.errors import APIError, error_response, from_validation_error, install_handlers
+from app.api.listen import bind_listener
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
 from app.engine.client import EngineClient
+from app.engine.engine import ExecutorFailure
 from app.engine.types import RequestOutput
-from app.runtime import Runtime, build_runtime
+from app.model.errors import ModelLoadError
+from app.runtime import Runtime, build_runtime, check_before_load
 from app.settings import Settings
 
 log = logging.getLogger("shardserve.server")
@@ -132,7 +136,11 @@ async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
         runtime = await asyncio.to_thread(build_runtime, state.settings, relay, metrics=state.metrics)
         await asyncio.to_thread(runtime.start)
     except Exception as e:  # a model that does not load ends the server, non-zero
-        log.error("the model failed to load: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
+        # one line that names the file and the problem; the traceback only with --debug
+        known = isinstance(e, (ValueError, OSError, ExecutorFailure))
+        log.error(
+            "the model failed to load: %s", e if known else f"{type(e).__name__}: {e}", exc_info=state.debug
+        )
         state.load_error = str(e)
         state.request_exit()
         return
@@ -218,14 +226,23 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load."""
+def serve(settings: Settings, sock: socket.socket | None = None, *, debug: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load.
+
+    `sock` is the listening socket if the caller bound it already (the CLI does, before importing
+    this module). What can be refused before the model loads is refused here, with nothing
+    spawned: a ValueError / OSError for the CLI to print."""
+    if sock is None:
+        sock = bind_listener(settings.host, settings.port)
+    try:
+        check_before_load(settings)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the model failed to load: {e}") from e
     app = create_app(settings)
     state: ServerState = app.state.shardserve
+    state.debug = debug
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         lifespan="on",
         log_config=None,  # the CLI configured logging; uvicorn's loggers propagate to it
         access_log=False,  # ours is structured (RequestContextMiddleware)
@@ -233,7 +250,9 @@ def serve(settings: Settings) -> int:
     )
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d; loading the model", host, port)
     t0 = time.monotonic()
-    server.run()
+    server.run(sockets=[sock])
     log.info("stopped after %.1fs", time.monotonic() - t0)
     return 1 if state.load_error is not None else 0
