@@ -149,13 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )
         if ns.command == "serve":
-            from app.api.listen import bind_listener
+            from app.api.listen import bind_listener, raise_open_file_limit
 
             # before the seconds of importing torch and loading: a busy port fails at once
+            nofile = raise_open_file_limit()
             sock = bind_listener(settings.host, settings.port)
             from app.api.server import serve
 
-            return serve(settings, sock, debug=ns.debug)
+            return serve(settings, sock, nofile=nofile, debug=ns.debug)
         if ns.command == "inspect":
             from app.inspect import inspect_command
 

@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(256, ge=1, description="waiting requests before 429")
     max_queued_tokens: int = Field(1_000_000, ge=1, description="waiting prompt tokens before 429")
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    request_head_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers, else 408 and "
+        "closed (default 10)",
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open connections at most; beyond it those without a request are closed first, then "
+        "newcomers get 503 (default: what the open-file limit allows, at least 1000; the soft limit is "
+        "raised to the hard one at start-up)",
+    )
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -24,9 +25,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from app.api.backpressure import Admission
+from app.api.connections import ConnectionGuard, GuardedH11Protocol, quiet_accept_errors
 from app.api.deps import ServerState
 from app.api.errors import APIError, error_response, from_validation_error, install_handlers
-from app.api.listen import bind_listener
+from app.api.listen import BACKLOG, bind_listener, connection_budget, raise_open_file_limit
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
 from app.engine.client import EngineClient
@@ -185,8 +187,17 @@ class _DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task[None] | None = None
         self._cut = asyncio.Event()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # asyncio listen()s with the accept batch as the queue length too; a short kernel queue makes
+        # a burst of clients wait a second for their SYN to be resent, and queued connections cost
+        # no descriptor
+        for sock in sockets or ():
+            sock.listen(BACKLOG)
+
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        quiet_accept_errors(self._loop)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -226,12 +237,18 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings, sock: socket.socket | None = None, *, debug: bool = False) -> int:
+def serve(
+    settings: Settings, sock: socket.socket | None = None, *, nofile: int | None = None, debug: bool = False
+) -> int:
     """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load.
 
     `sock` is the listening socket if the caller bound it already (the CLI does, before importing
-    this module). What can be refused before the model loads is refused here, with nothing
-    spawned: a ValueError / OSError for the CLI to print."""
+    this module), `nofile` the open-file limit it raised. What can be refused before the model
+    loads is refused here, with nothing spawned: a ValueError / OSError for the CLI to print.
+    Connections go through app/api/connections.py: a deadline for each request head, and a cap
+    that closes idle connections first."""
+    if nofile is None:
+        nofile = raise_open_file_limit()
     if sock is None:
         sock = bind_listener(settings.host, settings.port)
     try:
@@ -241,9 +258,13 @@ def serve(settings: Settings, sock: socket.socket | None = None, *, debug: bool 
     app = create_app(settings)
     state: ServerState = app.state.shardserve
     state.debug = debug
+    cap, accept_batch = connection_budget(settings.max_connections, nofile)
+    guard = ConnectionGuard(settings.request_head_timeout, cap)
     config = uvicorn.Config(
         app,
         lifespan="on",
+        http=functools.partial(GuardedH11Protocol, guard=guard),  # type: ignore[arg-type]
+        backlog=accept_batch,  # asyncio's accepts per wake-up; _DrainingServer restores the listen queue
         log_config=None,  # the CLI configured logging; uvicorn's loggers propagate to it
         access_log=False,  # ours is structured (RequestContextMiddleware)
         timeout_graceful_shutdown=CUT_FLUSH_SECONDS + 3,
@@ -251,7 +272,10 @@ def serve(settings: Settings, sock: socket.socket | None = None, *, debug: bool 
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d; loading the model", host, port)
+    log.info(
+        "listening on http://%s:%d (at most %d connections, request heads within %gs); loading the model",
+        host, port, guard.max_connections, guard.head_timeout,
+    )  # fmt: skip
     t0 = time.monotonic()
     server.run(sockets=[sock])
     log.info("stopped after %.1fs", time.monotonic() - t0)
