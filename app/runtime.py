@@ -18,11 +18,12 @@ from app.engine.scheduler import SchedulerConfig
 from app.engine.types import RequestOutput
 from app.metrics import Metrics
 from app.model.config import ModelConfig
+from app.model.errors import reading_model
 from app.model.loader import read_config
 from app.model.memory import kv_blocks_for_budget
 from app.model.registry_names import BUILTIN_MODELS, ensure_model, is_cached, resolve_model
 from app.settings import Settings
-from app.tokenizer import Tokenizer
+from app.tokenizer import Tokenizer, TokenizerError
 from app.worker.pool import PoolConfig, RankFailure, WorkerPool
 from app.worker.worker import RankReady
 
@@ -173,6 +174,16 @@ def check_before_load(settings: Settings) -> None:
     serving_limits(settings, read_config(model_path), Device.resolve(settings.device))
 
 
+def read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer]:
+    """The model's file (downloaded if it is a built-in name not yet cached), config and tokenizer;
+    every failure is one ModelLoadError or TokenizerError naming the file."""
+    model_path = ensure_model(settings.model, settings.home)
+    config = read_config(model_path)
+    with reading_model(model_path, TokenizerError):  # a corrupt tokenizer surfaces in the tokenizers library
+        tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    return model_path, config, tokenizer
+
+
 def build_runtime(
     settings: Settings,
     on_outputs: Callable[[list[RequestOutput]], None],
@@ -191,9 +202,7 @@ def build_runtime(
             metrics.observe_step(stats)
             step_hook(stats)
 
-    model_path = ensure_model(settings.model, settings.home)
-    config = read_config(model_path)
-    tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    model_path, config, tokenizer = read_model(settings)
     device = Device.resolve(settings.device)
     dtype = device.auto_weight_dtype if settings.dtype == "auto" else settings.dtype
     max_model_len, num_blocks = serving_limits(settings, config, device)

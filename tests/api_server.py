@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,10 +131,13 @@ class ServeProcess:
     """`python -m app serve ARGS --port P` in a subprocess (a real server: its own socket, its
     connection handling, its CLI checks); its output is collected by a thread, so it never blocks."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, **popen: Any) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, before: Sequence[str] = (), **popen: Any
+    ) -> None:
+        """args: serve's options; before: the CLI's own (--debug), which come before `serve`."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "app", "serve", "--port", str(self.port), *args]
+        self.cmd = [sys.executable, "-m", "app", *before, "serve", "--port", str(self.port), *args]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
