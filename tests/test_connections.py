@@ -15,6 +15,13 @@ import time
 import httpx
 import pytest
 
+from app.api.listen import (
+    FD_RESERVE,
+    MAX_DEFAULT_CONNECTIONS,
+    MIN_DEFAULT_CONNECTIONS,
+    connection_budget,
+    open_fds,
+)
 from tests.api_server import ServeProcess
 from tests.models import tiny_llama
 
@@ -211,3 +218,15 @@ def test_idle_sockets_beyond_the_open_file_limit_do_not_starve_health(model) -> 
         out = srv.output
     assert "Too many open files" not in out and "accept() failed" not in out, out[-3000:]
     assert "leaves room for" in out  # the lowered limit is said at start-up
+
+
+def test_the_default_cap_follows_the_open_file_limit_and_leaves_descriptors_for_accept(caplog) -> None:
+    cap, batch = connection_budget(None, 1 << 20)
+    assert (cap, batch) == (MAX_DEFAULT_CONNECTIONS, 128)
+    cap, batch = connection_budget(None, 20000)
+    assert MIN_DEFAULT_CONNECTIONS < cap <= 20000 - open_fds() - FD_RESERVE - 3 * batch and not caplog.records
+    assert connection_budget(50, 20000)[0] == 50
+    # a limit too low for the default: the cap is what fits, with accept bursts kept free, and said
+    cap, batch = connection_budget(None, 256)
+    assert cap + 3 * batch <= 256 - open_fds() - FD_RESERVE and cap < MIN_DEFAULT_CONNECTIONS
+    assert "open-file limit (256) leaves room for" in caplog.text
