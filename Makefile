@@ -46,7 +46,8 @@ test-slow: model
 
 # The long robustness runs; RELIABILITY.md records their latest results and commands.
 # make soak [SOAK_MINUTES=10]: the long overload and disconnect tests (256 clients against 16 seats
-# and a queue of 64; 2 x 1000 vanishing streams), then mixed load against a real `shardserve serve`.
+# and a queue of 64; 2 x 1000 vanishing streams), then mixed load against a real `shardserve serve`
+# with 300 idle and half-open loopback connections held beside it after the first minute.
 SOAK_MINUTES ?= 10
 soak: model
 	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/test_robustness.py -k "clients or storm"

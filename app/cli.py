@@ -120,8 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(ns)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "settings"
-        print(f"shardserve: error: {loc}: {err['msg']}", file=sys.stderr)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = "--" + str(err["loc"][0]).replace("_", "-") + ": " if err["loc"] else ""
+        print(f"shardserve: error: {where}{msg}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -150,9 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )
         if ns.command == "serve":
+            from app.api.listen import bind_listener, raise_open_file_limit
+
+            # before the seconds of importing torch and loading: a busy port fails at once
+            nofile = raise_open_file_limit()
+            sock = bind_listener(settings.host, settings.port)
             from app.api.server import serve
 
-            return serve(settings)
+            return serve(settings, sock, nofile=nofile, debug=ns.debug)
         if ns.command == "inspect":
             from app.inspect import inspect_command
 

@@ -19,11 +19,12 @@ from app.engine.types import RequestOutput
 from app.kernels import resolve as resolve_kernels
 from app.metrics import Metrics
 from app.model.config import ModelConfig
+from app.model.errors import reading_model
 from app.model.loader import read_config
 from app.model.memory import KV_BYTES, kv_blocks_for_budget, kv_cache_dtype
-from app.model.registry_names import ensure_model
+from app.model.registry_names import BUILTIN_MODELS, ensure_model, is_cached, resolve_model
 from app.settings import Settings
-from app.tokenizer import Tokenizer
+from app.tokenizer import Tokenizer, TokenizerError
 from app.worker.pool import PoolConfig, RankFailure, WorkerPool
 from app.worker.worker import RankReady
 
@@ -138,9 +139,23 @@ def kv_dtype_for(settings: Settings, device: Device) -> str:
 
 
 def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, device: Device) -> int:
+    """KV blocks for the ranks; at least one sequence of the full context must fit, else a request the
+    API accepted could never be scheduled (it used to end at once, 200 with `length` and no text)."""
     bs = settings.block_size
     if settings.kv_cache_tokens is not None:
-        return -(-settings.kv_cache_tokens // bs)
+        kv = settings.kv_cache_tokens
+        if kv < max_model_len:
+            limit = (
+                f"--max-model-len {max_model_len}"
+                if settings.max_model_len is not None
+                else config.context_limit()[1]
+            )
+            raise ValueError(
+                f"--kv-cache-tokens {kv} is smaller than the context of {max_model_len} tokens ({limit}): "
+                f"one sequence of full length would not fit in the KV cache. Raise --kv-cache-tokens to "
+                f"{max_model_len} or more, or lower --max-model-len to {kv} or less"
+            )
+        return -(-kv // bs)
     budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
     fits = kv_blocks_for_budget(config, settings.tp, bs, budget, KV_BYTES[kv_dtype_for(settings, device)])
     useful = settings.max_num_seqs * -(-max_model_len // bs)  # more than every seat at full context is waste
@@ -148,9 +163,37 @@ def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, dev
     if blocks * bs < max_model_len:
         raise ValueError(
             f"the KV cache fits only {blocks * bs} tokens in {budget / 2**20:.0f} MiB, less than one "
-            f"sequence of {max_model_len}; lower --max-model-len or raise --kv-cache-tokens"
+            f"sequence of {max_model_len}; lower --max-model-len, or raise --kv-cache-memory-fraction "
+            "or --kv-cache-tokens"
         )
     return blocks
+
+
+def serving_limits(settings: Settings, config: ModelConfig, device: Device) -> tuple[int, int]:
+    """(context length, KV blocks) as served; ValueError when the settings cannot work together."""
+    max_model_len = _max_model_len(settings, config)
+    return max_model_len, _num_blocks(settings, config, max_model_len, device)
+
+
+def check_before_load(settings: Settings) -> None:
+    """What `serve` can refuse before it spawns anything: the model's metadata (a GGUF header, a
+    config.json) and the limits derived from it. A built-in model not yet downloaded is checked
+    only after the download, by build_runtime."""
+    name = settings.model.strip().lower()
+    if name in BUILTIN_MODELS and not is_cached(name, settings.home):
+        return
+    model_path = resolve_model(settings.model, settings.home)
+    serving_limits(settings, read_config(model_path), Device.resolve(settings.device))
+
+
+def read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer]:
+    """The model's file (downloaded if it is a built-in name not yet cached), config and tokenizer;
+    every failure is one ModelLoadError or TokenizerError naming the file."""
+    model_path = ensure_model(settings.model, settings.home)
+    config = read_config(model_path)
+    with reading_model(model_path, TokenizerError):  # a corrupt tokenizer surfaces in the tokenizers library
+        tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    return model_path, config, tokenizer
 
 
 def build_runtime(
@@ -171,13 +214,10 @@ def build_runtime(
             metrics.observe_step(stats)
             step_hook(stats)
 
-    model_path = ensure_model(settings.model, settings.home)
-    config = read_config(model_path)
-    tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    model_path, config, tokenizer = read_model(settings)
     device = Device.resolve(settings.device)
     dtype = device.auto_weight_dtype if settings.dtype == "auto" else settings.dtype
-    max_model_len = _max_model_len(settings, config)
-    num_blocks = _num_blocks(settings, config, max_model_len, device)
+    max_model_len, num_blocks = serving_limits(settings, config, device)
     pool = WorkerPool(
         PoolConfig(
             model_path=model_path,

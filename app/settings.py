@@ -50,6 +50,19 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(256, ge=1, description="waiting requests before 429")
     max_queued_tokens: int = Field(1_000_000, ge=1, description="waiting prompt tokens before 429")
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
+    request_head_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers, else 408 and "
+        "closed (default 10)",
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open connections at most; beyond it those without a request are closed first, then "
+        "newcomers get 503 (default: what the open-file limit allows, at least 1000; the soft limit is "
+        "raised to the hard one at start-up)",
+    )
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins")
@@ -82,12 +95,31 @@ class Settings(BaseSettings):
         "or the torch reference path",
     )
 
-    @field_validator("api_key", "allowed_origins", mode="before")
+    @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        # the environment gives one string; its empty items are kept so that the check below sees them
+        return v.split(",") if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_empty_key(cls, keys: list[str]) -> list[str]:
+        # `--api-key "$UNSET_VAR"` must not switch authentication on with an empty key that an empty
+        # bearer token matches, nor off: it is a mistake, said at start-up
+        keys = [k.strip() for k in keys]
+        if not all(keys):
+            raise ValueError(
+                "an API key is empty or only whitespace (an unset variable in a script?); give real "
+                "keys, or no --api-key and no SHARDSERVE_API_KEY at all to serve without keys"
+            )
+        return keys
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
@@ -96,5 +128,8 @@ class Settings(BaseSettings):
                 lines = self.api_key_file.read_text().splitlines()
             except OSError as e:
                 raise ValueError(f"--api-key-file {self.api_key_file}: {e.strerror}") from None
-            self.api_key = [*self.api_key, *(k.strip() for k in lines if k.strip())]
+            keys = [k.strip() for k in lines if k.strip()]  # blank lines separate keys, they are not keys
+            if not keys:  # an empty mounted secret would otherwise serve without authentication
+                raise ValueError(f"--api-key-file {self.api_key_file} holds no API key (only blank lines)")
+            self.api_key = [*self.api_key, *keys]
         return self

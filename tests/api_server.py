@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -122,3 +125,68 @@ def process_alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+class ServeProcess:
+    """`python -m app serve ARGS --port P` in a subprocess (a real server: its own socket, its
+    connection handling, its CLI checks); its output is collected by a thread, so it never blocks."""
+
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, before: Sequence[str] = (), **popen: Any
+    ) -> None:
+        """args: serve's options; before: the CLI's own (--debug), which come before `serve`."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "app", *before, "serve", "--port", str(self.port), *args]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, **popen,
+        )  # fmt: skip
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self._lines)
+
+    def status(self, path: str = "/ready", timeout: float = 2.0) -> int | None:
+        try:
+            return httpx.get(self.url + path, timeout=timeout).status_code
+        except httpx.HTTPError:
+            return None
+
+    def wait_ready(self, timeout: float = 120.0) -> ServeProcess:
+        ok = wait_for(lambda: self.proc.poll() is not None or self.status() == 200, timeout, 0.2)
+        if not ok or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError(f"the server did not become ready:\n{self.output[-3000:]}")
+        return self
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """The exit code, once the process ended and its output is read."""
+        code = self.proc.wait(timeout)
+        self._reader.join(10)
+        return code
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(10)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

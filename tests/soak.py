@@ -1,15 +1,21 @@
 """`make soak`: sustained mixed load against a real `shardserve serve` process, then a verdict.
 
-    python -m tests.soak [--minutes 10] [--concurrency 12] [--rss-bound-mb 100] [--model M] [--json OUT]
+    python -m tests.soak [--minutes 10] [--concurrency 12] [--idle-connections 300] [--rss-bound-mb 100]
+                         [--model M] [--json OUT]
 
 Clients loop until the time is up, each request one of: a whole completion or chat, a streamed one
 read to the end, a streamed one abandoned at a random point, an invalid request (expects a 4xx).
-Lengths are random. At the end: requests by outcome, errors by kind, TTFT/TPOT p50/p99 in the first
-and the last minute (drift), and the server's RSS growth after the first minute (its warm-up).
+Lengths are random. After the first minute (the warm-up), beside the load, --idle-connections
+sockets hold connections without a request (tests/soak_idle.py: nothing sent, partial request lines
+and headers, slowloris, half-closed, reset), more than the server's --max-connections, while /health
+is probed. At the end: requests by outcome, errors by kind, TTFT/TPOT p50/p99 in the first and the
+last minute (drift), the idle connections' lifetimes, /health latency, and the server's RSS growth
+after the first minute.
 
 Fails (exit 1) when a request was lost (no answer, or a stream that ended without a finish_reason or
 an error event), when valid input got a 5xx or any other unexpected status, when the server's RSS grew
-more than --rss-bound-mb, or when the server is not ready and idle once the load stops."""
+more than --rss-bound-mb, when the server is not ready and idle once the load stops, when an idle
+connection outlived the head deadline, or when a /health probe failed or took over 2 s."""
 
 from __future__ import annotations
 
@@ -29,7 +35,10 @@ from pathlib import Path
 import httpx
 
 from tests.api_server import free_port
+from tests.soak_idle import IdleTally, hold_idle_connections
 
+HEAD_TIMEOUT = 10.0  # the server's default --request-head-timeout
+MAX_CONNECTIONS = 256  # below --idle-connections + the clients: the cap's eviction is exercised too
 PROMPTS = ["Tell me about the sea.", "Write a haiku about rain.", "What is 12 times 7?", "Name three rivers.",
            "Explain what a CPU does.", "Say hello in French.", "Describe a cat in one sentence."]  # fmt: skip
 INVALID = [
@@ -126,6 +135,18 @@ async def load(url: str, minutes: float, concurrency: int, seed: int) -> Tally:
     return tally
 
 
+async def measured(
+    url: str, minutes: float, a: argparse.Namespace, seed: int
+) -> tuple[Tally, IdleTally | None]:
+    """The load after the warm-up, with the idle connections beside it for the same time."""
+    if not a.idle_connections:
+        return await load(url, minutes, a.concurrency, seed), None
+    return await asyncio.gather(
+        load(url, minutes, a.concurrency, seed),
+        hold_idle_connections(url, a.idle_connections, HEAD_TIMEOUT, minutes, seed),
+    )
+
+
 def _pcts(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -142,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=12)
+    p.add_argument("--idle-connections", type=int, default=300, help="held beside the load (0: none)")
     p.add_argument("--rss-bound-mb", type=float, default=100.0)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--seed", type=int, default=0)
@@ -150,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "app", "serve", "--model", a.model, "--port", str(port), "--max-num-seqs", "8",
-           "--max-queued-requests", "8"]  # fmt: skip
+           "--max-queued-requests", "8", "--max-connections", str(MAX_CONNECTIONS),
+           "--request-head-timeout", str(HEAD_TIMEOUT)]  # fmt: skip
     server = subprocess.Popen(cmd)
     try:
         deadline = time.monotonic() + 300
@@ -170,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         warm = asyncio.run(load(url, min(1.0, a.minutes), a.concurrency, a.seed))
         rss0 = _rss(server.pid)
-        tally = asyncio.run(load(url, max(0.0, a.minutes - 1.0), a.concurrency, a.seed + 1))
+        tally, held = asyncio.run(measured(url, max(0.0, a.minutes - 1.0), a, a.seed + 1))
         rss1 = _rss(server.pid)
         idle = httpx.get(url + "/metrics").text
         running = [
@@ -195,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_first_minute": _pcts([s[1] for s in first]), "ttft_last_minute": _pcts([s[1] for s in last]),
         "tpot_first_minute": _pcts([s[2] for s in first]), "tpot_last_minute": _pcts([s[2] for s in last]),
         "rss_after_warmup_mb": rss0 / 2**20, "rss_end_mb": rss1 / 2**20, "rss_growth_mb": (rss1 - rss0) / 2**20,
-        "idle_and_ready_after": settled,
+        "idle_and_ready_after": settled, "idle_connections": held.report() if held else None,
     }  # fmt: skip
     print(json.dumps(report, indent=2))
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))
     ok = not both.lost and not both.errors and report["rss_growth_mb"] <= a.rss_bound_mb and settled
+    ok = ok and (held is None or held.ok)
     print("soak: PASS" if ok else "soak: FAIL")
     return 0 if ok else 1
 

@@ -332,7 +332,11 @@ def test_default_model_chat_over_http_equals_the_engine(default_model_path) -> N
     engine gives for `shardserve generate --chat`'s request."""
     # no prefix cache: the HTTP request must prefill exactly as the direct one did
     settings = tiny_settings(
-        default_model_path, kv_cache_tokens=512, max_num_seqs=2, enable_prefix_caching=False
+        default_model_path,
+        kv_cache_tokens=512,
+        max_model_len=512,
+        max_num_seqs=2,
+        enable_prefix_caching=False,
     )
     prompt = "What is 2+2?"
     with started_runtime(settings) as runtime:

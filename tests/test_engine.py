@@ -142,10 +142,10 @@ def assert_same(a: Choice, b: Choice) -> None:
 # ---- fixtures --------------------------------------------------------------------------------
 
 
-def _runtime(model: Path, dtype: str, kv_tokens: int = POOL_KV_TOKENS, kernels: str = "auto"):
+def _runtime(model: Path, dtype: str, kv_tokens: int = POOL_KV_TOKENS, **kw):
     settings = Settings(
         model=str(model), dtype=dtype, kv_cache_tokens=kv_tokens, block_size=BLOCK, max_num_batched_tokens=512,
-        kernels=kernels,
+        **kw,
     )  # fmt: skip
     rt = build_runtime(settings, on_outputs=lambda outs: None)
     rt.pool.start()  # the runtime's own engine thread is never started: tests drive fresh engines
@@ -314,11 +314,14 @@ def test_abort_frees_blocks_at_the_next_step(tiny):
     assert [c.finish_reason for c in after.values()] == [FinishReason.LENGTH]
 
 
-def test_unschedulable_prompt_ends_with_length_at_once(tiny):
+def test_unschedulable_sequences_end_at_once_and_only_a_full_context_says_length(tiny):
+    """A prompt past the context ends with `length`; one that outgrows a KV cache smaller than the
+    context (the runtime refuses such a cache; a directly driven engine can have one) fails saying
+    so, never a `length` its max_tokens did not cause."""
     ps = prompts(tiny)
-    h = Harness(tiny, kv_cache_tokens=4 * BLOCK, max_model_len=64)
-    too_long = request(list(range(3, 70)), max_tokens=4)  # past max_model_len
-    too_big = request((ps[5] * 3)[:60], max_tokens=30)  # fits the context, not the 4-block cache once grown
+    h = Harness(tiny, kv_cache_tokens=4 * BLOCK, max_model_len=80)
+    too_long = request(list(range(3, 90)), max_tokens=4)  # past max_model_len
+    too_big = request((ps[5] * 3)[:60], max_tokens=19)  # fits the context, not the 4-block cache once grown
     fine = request(ps[1], max_tokens=4)
     h.engine.add_request(too_long)
     assert [(o.request_id, o.finish_reason) for o in h.step()] == [(too_long.request_id, FinishReason.LENGTH)]
@@ -326,7 +329,9 @@ def test_unschedulable_prompt_ends_with_length_at_once(tiny):
     assert got[(fine.request_id, 0)].finish_reason is FinishReason.LENGTH
     assert len(got[(fine.request_id, 0)].token_ids) == 4
     big = got[(too_big.request_id, 0)]
-    assert big.finish_reason is FinishReason.LENGTH and len(big.token_ids) < 30
+    assert big.finish_reason is FinishReason.ERROR and 0 < len(big.token_ids) < 19
+    error = big.outputs[-1].error or ""
+    assert "outgrew the KV cache of 64 tokens" in error and "context of 80" in error
 
 
 def test_deadline_ends_a_request_with_timeout_and_frees_it(tiny):
@@ -395,7 +400,7 @@ DEFAULT_PROMPTS = [
 
 @pytest.fixture(scope="module", params=["int8", "fp32"])
 def default_rt(request, default_model_path):
-    yield from _runtime(default_model_path, request.param, kv_tokens=4096)
+    yield from _runtime(default_model_path, request.param, kv_tokens=4096, max_model_len=4096)
 
 
 def test_default_model_batched_equals_alone(default_rt):

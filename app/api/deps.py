@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
 
 from app.api.backpressure import SHUTTING_DOWN, Admission
 from app.api.errors import EngineFailed, NotReady, ServiceUnavailable, Unauthorized
@@ -32,6 +33,7 @@ class ServerState:
     load_error: str | None = None  # the model failed to load: serve() exits non-zero
     metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
     request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
+    debug: bool = False  # --debug: tracebacks in the log (a failed load)
 
     @property
     def draining(self) -> bool:
@@ -99,6 +101,15 @@ def get_admission(state: StateDep) -> Admission:
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 
+# Declares the scheme in the OpenAPI schema, so that "Authorize" in /docs sends the key; the check
+# itself is require_api_key's (constant-time, and an OpenAI error object rather than FastAPI's 403).
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="APIKey",
+    description="One of the server's --api-key values; needed only when the server has keys.",
+)
+
+
 def require_api_key(request: Request, state: StateDep) -> None:
     """With keys configured, `Authorization: Bearer <key>` must name one (constant-time per key)."""
     if not state.api_keys:
@@ -113,6 +124,7 @@ def require_api_key(request: Request, state: StateDep) -> None:
 
 
 Authorized = Depends(require_api_key)
+BearerScheme = Security(BEARER)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     status, headers = exc.status_code, dict(exc.headers or {})
     route = f"{request.method} {request.url.path}"
     if status == 404 and exc.detail == "Not Found":  # the router's own 404: no such route
-        err: APIError = NotFound(f"Unknown route: {route} is not served here.", code="unknown_url")
+        err: APIError = NotFound(f"Unknown route: {route} is not served here{_did_you_mean(request)}.",
+                                 code="unknown_url")  # fmt: skip
     elif status == 404:
         err = NotFound(str(exc.detail))
     elif status == 405:
@@ -281,6 +283,18 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     response.status_code = status
     response.headers.update(headers)  # e.g. Allow on 405
     return response
+
+
+def _did_you_mean(request: Request) -> str:
+    """A hint for a trailing slash (no redirect is made: see create_app)."""
+    path = request.scope["path"]
+    bare = path.rstrip("/")
+    if path == bare:
+        return ""
+    scope = {**request.scope, "path": bare}
+    if not any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+        return ""
+    return f" (did you mean {bare}?)"
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

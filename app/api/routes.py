@@ -1,7 +1,8 @@
 """The endpoints: thin adapters between HTTP and app/api/generation.py.
 
-/v1/*, /tokenize and /detokenize sit behind the API key; /health, /ready, /metrics, /version and
-the playground stay open for probes, Prometheus and browsers. Routes we do not serve fall through
+/v1/*, /tokenize and /detokenize sit behind the API key; /health, /ready, /metrics, /version, the
+playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for probes,
+Prometheus and browsers. Routes we do not serve fall through
 to the router's 404, which errors.py words as OpenAI does."""
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from app.api.deps import (
     AccessRecord,
     AdmissionDep,
     Authorized,
+    BearerScheme,
     ClientDep,
     RecordDep,
     RuntimeDep,
@@ -53,7 +55,7 @@ INLINE_BODY_BYTES = 64 * 1024  # larger requests are tokenized off the event loo
 T = TypeVar("T")
 _CONSTRAINED_BY = (*constraints.FIELDS, "tools")
 
-api = APIRouter(dependencies=[Authorized])
+api = APIRouter(dependencies=[BearerScheme, Authorized])
 public = APIRouter()
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
@@ -23,13 +25,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from app.api.backpressure import Admission
+from app.api.connections import ConnectionGuard, GuardedH11Protocol, quiet_accept_errors
 from app.api.deps import ServerState
 from app.api.errors import APIError, error_response, from_validation_error, install_handlers
+from app.api.listen import BACKLOG, bind_listener, connection_budget, raise_open_file_limit
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
 from app.engine.client import EngineClient
+from app.engine.engine import ExecutorFailure
 from app.engine.types import RequestOutput
-from app.runtime import Runtime, build_runtime
+from app.model.errors import ModelLoadError
+from app.runtime import Runtime, build_runtime, check_before_load
 from app.settings import Settings
 
 log = logging.getLogger("shardserve.server")
@@ -66,7 +72,14 @@ def create_app(
             if state.runtime is not None:
                 await asyncio.to_thread(state.runtime.shutdown)
 
-    app = FastAPI(title="shardserve", summary="OpenAI-compatible model server", lifespan=lifespan)
+    # No redirect_slashes: Starlette builds that redirect's URL from the Host header, so
+    # `POST /v1/completions/` with `Host: evil.example` answered 307 to evil.example; now a 404.
+    app = FastAPI(
+        title="shardserve",
+        summary="OpenAI-compatible model server",
+        lifespan=lifespan,
+        redirect_slashes=False,
+    )
     app.state.shardserve = state
     app.state.metrics = state.metrics
     _install_error_handlers(app)
@@ -125,7 +138,11 @@ async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
         runtime = await asyncio.to_thread(build_runtime, state.settings, relay, metrics=state.metrics)
         await asyncio.to_thread(runtime.start)
     except Exception as e:  # a model that does not load ends the server, non-zero
-        log.error("the model failed to load: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
+        # one line that names the file and the problem; the traceback only with --debug
+        known = isinstance(e, (ValueError, OSError, ExecutorFailure))
+        log.error(
+            "the model failed to load: %s", e if known else f"{type(e).__name__}: {e}", exc_info=state.debug
+        )
         state.load_error = str(e)
         state.request_exit()
         return
@@ -170,8 +187,17 @@ class _DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task[None] | None = None
         self._cut = asyncio.Event()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # asyncio listen()s with the accept batch as the queue length too; a short kernel queue makes
+        # a burst of clients wait a second for their SYN to be resent, and queued connections cost
+        # no descriptor
+        for sock in sockets or ():
+            sock.listen(BACKLOG)
+
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        quiet_accept_errors(self._loop)
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -211,22 +237,46 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load."""
+def serve(
+    settings: Settings, sock: socket.socket | None = None, *, nofile: int | None = None, debug: bool = False
+) -> int:
+    """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load.
+
+    `sock` is the listening socket if the caller bound it already (the CLI does, before importing
+    this module), `nofile` the open-file limit it raised. What can be refused before the model
+    loads is refused here, with nothing spawned: a ValueError / OSError for the CLI to print.
+    Connections go through app/api/connections.py: a deadline for each request head, and a cap
+    that closes idle connections first."""
+    if nofile is None:
+        nofile = raise_open_file_limit()
+    if sock is None:
+        sock = bind_listener(settings.host, settings.port)
+    try:
+        check_before_load(settings)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the model failed to load: {e}") from e
     app = create_app(settings)
     state: ServerState = app.state.shardserve
+    state.debug = debug
+    cap, accept_batch = connection_budget(settings.max_connections, nofile)
+    guard = ConnectionGuard(settings.request_head_timeout, cap)
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         lifespan="on",
+        http=functools.partial(GuardedH11Protocol, guard=guard),  # type: ignore[arg-type]
+        backlog=accept_batch,  # asyncio's accepts per wake-up; _DrainingServer restores the listen queue
         log_config=None,  # the CLI configured logging; uvicorn's loggers propagate to it
         access_log=False,  # ours is structured (RequestContextMiddleware)
         timeout_graceful_shutdown=CUT_FLUSH_SECONDS + 3,
     )
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
+    host, port = sock.getsockname()[:2]
+    log.info(
+        "listening on http://%s:%d (at most %d connections, request heads within %gs); loading the model",
+        host, port, guard.max_connections, guard.head_timeout,
+    )  # fmt: skip
     t0 = time.monotonic()
-    server.run()
+    server.run(sockets=[sock])
     log.info("stopped after %.1fs", time.monotonic() - t0)
     return 1 if state.load_error is not None else 0

@@ -168,6 +168,7 @@ def bench_dtype(args: argparse.Namespace, dtype: str) -> dict:
     kv_tokens = args.kv_cache_tokens or most * (args.input_len + args.output_len + 16) + 16
     settings = Settings(
         model=args.model, dtype=dtype, tp=args.tp, max_num_seqs=most, kv_cache_tokens=kv_tokens,
+        max_model_len=args.input_len + args.output_len + 16,  # what each request needs: the cache holds it
         max_num_batched_tokens=max(args.max_num_batched_tokens, most), seed=args.seed,
         **({"home": args.home} if args.home else {}),
     )  # fmt: skip

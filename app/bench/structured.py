@@ -28,8 +28,9 @@ def _grammar(output_len: int) -> GrammarSpec:
 
 
 def run(args: argparse.Namespace) -> dict:
+    per_request = args.input_len + args.output_len + 32  # the context served: the cache holds every request
     settings = Settings(model=args.model, dtype=args.dtype, max_num_seqs=max(args.concurrency),
-                        kv_cache_tokens=max(args.concurrency) * (args.input_len + args.output_len + 32))  # fmt: skip
+                        kv_cache_tokens=max(args.concurrency) * per_request, max_model_len=per_request)  # fmt: skip
     driver = Driver(settings)
     grammars = driver.rt.grammars
     mask_ms: list[float] = []

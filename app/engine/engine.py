@@ -177,6 +177,21 @@ class Engine:
         if outs:
             self.hooks.on_outputs(outs)
 
+    def _unschedulable(self, seq: Sequence) -> RequestOutput:
+        """`length` only for a prompt that fills the context; a sequence that outgrew the KV cache
+        was not cut by any limit of the request's, so it fails, saying why. (The API refuses both
+        kinds of request, and the runtime refuses a cache smaller than the context: this is the
+        engine keeping its word when it is driven directly.)"""
+        if seq.num_tokens > self.config.max_model_len:
+            return self.outputs.finish_early(seq, FinishReason.LENGTH)
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        return self.outputs.finish_early(
+            seq,
+            FinishReason.ERROR,
+            f"the sequence outgrew the KV cache of {capacity} tokens, which is smaller than the "
+            f"context of {self.config.max_model_len}",
+        )
+
     def _error_output(self, req: GenerateRequest, index: int, msg: str) -> RequestOutput:
         return RequestOutput(
             req.request_id, index, "", (), finish_reason=FinishReason.ERROR,
@@ -189,7 +204,7 @@ class Engine:
         # Drained after schedule(), which is where sequences are found unschedulable: before it, their
         # ends waited for the next step, and an idle engine only steps again after idle_poll.
         for seq in self.scheduler.drain_unschedulable():
-            outs.append(self.outputs.finish_early(seq, FinishReason.LENGTH))
+            outs.append(self._unschedulable(seq))
             self._seqs.pop(seq.seq_id, None)
         if plan is not None:
             t0 = time.perf_counter()

@@ -30,7 +30,30 @@ class Checkpoint(ABC):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
     @abstractmethod
-    def reader(self, name: str) -> Reader: ...
+    def _reader(self, name: str) -> Reader: ...
+
+    def stored_name(self, name: str) -> str:
+        """The tensor's name in the file itself (for messages)."""
+        return name
+
+    def reader(self, name: str) -> Reader:
+        """Slices of `name` as fp32, each checked for NaN and infinity as it is converted: a single
+        flipped exponent bit loads fine and serves garbage (a logprob of -9999 and empty text), so a
+        corrupt weight refuses to load instead, naming the tensor. One pass over each fp32 slice
+        (slices are host memory: the uploader moves them to the device afterwards)."""
+        read = self._reader(name)
+
+        def checked(rows: slice | None, cols: slice | None) -> torch.Tensor:
+            out = read(rows, cols)
+            # numpy's isfinite, not torch's: measured 7-24 GB/s against torch's 0.1-0.7 on this CPU
+            if not np.isfinite(out.numpy()).all():
+                raise ModelLoadError(
+                    f"{self.path}: tensor {self.stored_name(name)} holds NaN or infinite values; "
+                    "the file is corrupt"
+                )
+            return out
+
+        return checked
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -74,7 +97,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name].get_slice(name).get_shape())
 
-    def reader(self, name: str) -> Reader:
+    def _reader(self, name: str) -> Reader:
         sl = self._where[name].get_slice(name)
 
         def read(rows: slice | None, cols: slice | None) -> torch.Tensor:
@@ -202,7 +225,10 @@ class GGUFCheckpoint(Checkpoint):
             return self._heads.get("k")
         return None
 
-    def reader(self, name: str) -> Reader:
+    def stored_name(self, name: str) -> str:
+        return self._tensors[name].name
+
+    def _reader(self, name: str) -> Reader:
         read = self._stored_reader(name)
         if name in self._transposed:
             return lambda rows, cols: read(cols, rows).t()

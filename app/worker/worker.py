@@ -144,9 +144,10 @@ def worker_main(
             conn.send(ready)
     except Exception as e:  # report, then exit: the pool turns this into a clear start-up error
         # A ValueError (ModelLoadError, ShardingError, ...) already says file and problem in one line.
-        if conn is not None:
+        if conn is not None:  # the pool reports it, once: the server's log has one line per failure
             conn.send(RankFailed(rank, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
-        log.error("rank %d failed to start: %s", rank, e)
+        else:
+            log.error("rank %d failed to start: %s", rank, e)
         log.debug("%s", traceback.format_exc())
         return
     clean = _serve(rank, runner, conn, args.remote, fault)
