@@ -1,10 +1,10 @@
-"""`shardserve bench {serve,engine,kernels,structured,report,peers}`: each target in its own module, imported on demand."""
+"""`shardserve bench {serve,engine,kernels,structured,report,peers,accuracy}`: each target in its own module, imported on demand."""
 
 from __future__ import annotations
 
 import importlib
 
-TARGETS = ("engine", "kernels", "serve", "structured", "report", "peers")
+TARGETS = ("engine", "kernels", "serve", "structured", "report", "peers", "accuracy")
 
 
 def bench_command(target: str, argv: list[str]) -> int:
