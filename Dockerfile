@@ -43,7 +43,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY app ./app
 # --no-build-isolation: the kernels compile against the torch installed above (an isolated build
-# would fetch another torch); setup.py never targets the build machine's CPU (no -march=native).
+# would fetch another torch); setup.py never targets the build machine's CPU (each file names its ISA).
 RUN pip install --no-cache-dir setuptools==84.2.1 wheel==0.45.1 \
     && pip install --no-cache-dir --no-build-isolation . \
     && python -c "from app.kernels import extension; assert extension() is not None, 'kernels not built'"

@@ -318,3 +318,15 @@ def test_bench_serve_dataset_file(shardserve, tmp_path) -> None:
     assert serve.main(argv) == 0
     r = json.loads(out.read_text())
     assert r["output_lens"] == [3, 5, 3]  # the file's output_len, else --output-len; prompts cycle
+
+
+def test_llama_cpp_is_built_for_a_named_isa_never_native_nor_amx() -> None:
+    from app.bench.peers import llama_isa_flags
+
+    amd = llama_isa_flags({"avx2", "fma", "f16c"})
+    intel = llama_isa_flags({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                             "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"})  # fmt: skip
+    for flags in (amd, intel):
+        assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AVX2=ON" in flags
+        assert not [f for f in flags if "AMX" in f and f.endswith("=ON")]
+    assert "-DGGML_AVX512=ON" in intel and "-DGGML_AVX512=ON" not in amd

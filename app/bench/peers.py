@@ -125,7 +125,7 @@ def _cpu_flags() -> set[str]:
 
 
 def llama_isa_flags(flags: set[str] | None = None) -> list[str]:
-    """llama.cpp's ISA named, never GGML_NATIVE: -march=native turns on AMX where the CPU has it, and
+    """llama.cpp's ISA named, never its native build: that turns on AMX where the CPU has it, and
     on VMs that do not grant the tile state its AMX kernel dies with SIGILL. AVX2 + FMA + F16C, plus
     AVX-512 (with VNNI / BF16 when present) where the CPU has it; never AMX."""
     flags = _cpu_flags() if flags is None else flags
