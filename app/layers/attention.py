@@ -17,8 +17,8 @@ see (positions 0..p, no mask): the same call, with the same shapes, as the decod
 position p makes. One SDPA over a whole chunk with a causal mask is cheaper but rounds differently
 by chunk length (up to 1e-6 between chunk sizes), which flips near-ties. The row loop costs about
 17 µs per prompt token and layer (~25% of a prefill step measured on the default model) and
-nothing at decode. Rows past the real tokens are padding the runner adds (runner.py): they write
-no KV and attend to nothing."""
+nothing at decode. Rows past the real tokens, if a caller adds any, are padding: they write no KV
+and attend to nothing."""
 
 from __future__ import annotations
 
