@@ -169,14 +169,17 @@ static inline V16 kvload_n(const void* base, int64_t i, int n) {
 constexpr int kMaxGroup = 16;   // query heads per KV head handled in one pass over K and V
 constexpr int kMaxDChunks = 16;  // head_dim up to 256
 
+// Query heads [g_begin, g_end) of KV head h for row t. Each query head's arithmetic is its own
+// (heads share only the loads of K and V), so how heads are grouped into tasks changes no result.
 template <bool F16>
-static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::vector<float>& scratch) {
+static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, int64_t g_begin, int64_t g_end,
+                           std::vector<float>& scratch, std::vector<int64_t>& kv_rows) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, L = a.row_len[t];
   const int64_t Lp = (L + 15) / 16 * 16;
   const int dchunks = static_cast<int>((D + 15) / 16);
   const int dtail = static_cast<int>(D - (dchunks - 1) * 16);
-  for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup) {
-    const int64_t gn = std::min<int64_t>(kMaxGroup, G - g0);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kMaxGroup) {
+    const int64_t gn = std::min<int64_t>(kMaxGroup, g_end - g0);
     const float* q0 = a.q + (t * a.Hq + h * G + g0) * D;
     float* out0 = a.out + (t * a.Hq + h * G + g0) * D;
     if (L == 0) {
@@ -184,17 +187,32 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::ve
       continue;
     }
     if (static_cast<int64_t>(scratch.size()) < gn * Lp) scratch.resize(gn * Lp);
+    // where each position's K/V row starts, block by block (no division per position)
     const int32_t* table = a.tables + a.row_seq[t] * a.table_stride;
-    auto slot_of = [&](int64_t j) { return static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size; };
+    if (static_cast<int64_t>(kv_rows.size()) < L) kv_rows.resize(L);
+    for (int64_t j = 0, b = 0; j < L; ++b)
+      for (int64_t slot = static_cast<int64_t>(table[b]) * a.block_size, o = 0; o < a.block_size && j < L; ++o, ++j)
+        kv_rows[j] = ((slot + o) * a.Hkv + h) * D;
+    // the last 16-element chunk of a head: whole when D % 16 == 0, else zero-filled
+    const float* q_last[kMaxGroup];
+    V16 q_tail[kMaxGroup];
+    for (int64_t g = 0; g < gn; ++g) {
+      q_last[g] = q0 + g * D + (dchunks - 1) * 16;
+      q_tail[g] = dtail == 16 ? vload(q_last[g]) : vload_n(q_last[g], dtail);
+    }
+    auto kv_last = [&](const void* cache, int64_t base) {
+      const int64_t i = base + (dchunks - 1) * 16;
+      return dtail == 16 ? kvload<F16>(cache, i) : kvload_n<F16>(cache, i, dtail);
+    };
     // scores: s[g][j] = (q_g . k_j) * scale
     for (int64_t j = 0; j < L; ++j) {
-      const int64_t kbase = (slot_of(j) * a.Hkv + h) * D;
+      const int64_t kbase = kv_rows[j];
+      const V16 k_last = kv_last(a.k_cache, kbase);
       for (int64_t g = 0; g < gn; ++g) {
         const float* q = q0 + g * D;
         V16 acc = vzero();
         for (int c = 0; c < dchunks - 1; ++c) acc = vfma(vload(q + c * 16), kvload<F16>(a.k_cache, kbase + c * 16), acc);
-        const int64_t d = (dchunks - 1) * 16;
-        acc = vfma(vload_n(q + d, dtail), kvload_n<F16>(a.k_cache, kbase + d, dtail), acc);
+        acc = vfma(q_tail[g], k_last, acc);
         scratch[g * Lp + j] = vhadd(acc) * a.scale;
       }
     }
@@ -226,10 +244,9 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::ve
     for (int64_t g = 0; g < gn; ++g)
       for (int c = 0; c < dchunks; ++c) acc[g][c] = vzero();
     for (int64_t j = 0; j < L; ++j) {
-      const int64_t vbase = (slot_of(j) * a.Hkv + h) * D;
+      const int64_t vbase = kv_rows[j];
       for (int c = 0; c < dchunks; ++c) {
-        const V16 v = c < dchunks - 1 ? kvload<F16>(a.v_cache, vbase + c * 16)
-                                      : kvload_n<F16>(a.v_cache, vbase + c * 16, dtail);
+        const V16 v = c < dchunks - 1 ? kvload<F16>(a.v_cache, vbase + c * 16) : kv_last(a.v_cache, vbase);
         for (int64_t g = 0; g < gn; ++g) acc[g][c] = vfma(vset1(scratch[g * Lp + j]), v, acc[g][c]);
       }
     }
@@ -246,9 +263,13 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::ve
 
 static void attention_tasks(const AttentionArgs& a, int64_t i0, int64_t i1) {
   thread_local std::vector<float> scratch;
+  thread_local std::vector<int64_t> kv_rows;
+  const int64_t G = a.Hq / a.Hkv, per_part = G / a.parts;
   for (int64_t i = i0; i < i1; ++i) {
-    if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, scratch);
-    else attention_task<false>(a, i / a.Hkv, i % a.Hkv, scratch);
+    const int64_t th = i / a.parts, p = i % a.parts, t = th / a.Hkv, h = th % a.Hkv;
+    const int64_t g0 = p * per_part, g1 = p == a.parts - 1 ? G : g0 + per_part;
+    if (a.kv_f16) attention_task<true>(a, t, h, g0, g1, scratch, kv_rows);
+    else attention_task<false>(a, t, h, g0, g1, scratch, kv_rows);
   }
 }
 
