@@ -169,6 +169,26 @@ static inline V16 kvload_n(const void* base, int64_t i, int n) {
 constexpr int kMaxGroup = 16;   // query heads per KV head handled in one pass over K and V
 constexpr int kMaxDChunks = 16;  // head_dim up to 256
 
+// The weighted sum of V for GN query heads of DC whole chunks each, accumulators in registers:
+// the same fma per (head, chunk, position) in the same order as the generic loop below it.
+template <bool F16, int GN, int DC>
+static void v_pass(const AttentionArgs& a, const int64_t* kv_rows, int64_t L, const float* p, int64_t Lp,
+                   V16 (&out)[kMaxGroup][kMaxDChunks]) {
+  V16 acc[GN][DC];
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DC; ++c) acc[g][c] = vzero();
+  for (int64_t j = 0; j < L; ++j) {
+    V16 w[GN];
+    for (int g = 0; g < GN; ++g) w[g] = vset1(p[g * Lp + j]);
+    for (int c = 0; c < DC; ++c) {
+      const V16 v = kvload<F16>(a.v_cache, kv_rows[j] + c * 16);
+      for (int g = 0; g < GN; ++g) acc[g][c] = vfma(w[g], v, acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int c = 0; c < DC; ++c) out[g][c] = acc[g][c];
+}
+
 // Query heads [g_begin, g_end) of KV head h for row t. Each query head's arithmetic is its own
 // (heads share only the loads of K and V), so how heads are grouped into tasks changes no result.
 template <bool F16>
@@ -241,13 +261,20 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, int64_t
     }
     // out_g = sum_j p_gj v_j / sum_g, j in increasing order
     V16 acc[kMaxGroup][kMaxDChunks];
-    for (int64_t g = 0; g < gn; ++g)
-      for (int c = 0; c < dchunks; ++c) acc[g][c] = vzero();
-    for (int64_t j = 0; j < L; ++j) {
-      const int64_t vbase = kv_rows[j];
-      for (int c = 0; c < dchunks; ++c) {
-        const V16 v = c < dchunks - 1 ? kvload<F16>(a.v_cache, vbase + c * 16) : kv_last(a.v_cache, vbase);
-        for (int64_t g = 0; g < gn; ++g) acc[g][c] = vfma(vset1(scratch[g * Lp + j]), v, acc[g][c]);
+    const bool whole = dtail == 16;
+    if (whole && dchunks == 4 && gn == 1) v_pass<F16, 1, 4>(a, kv_rows.data(), L, scratch.data(), Lp, acc);
+    else if (whole && dchunks == 4 && gn == 2) v_pass<F16, 2, 4>(a, kv_rows.data(), L, scratch.data(), Lp, acc);
+    else if (whole && dchunks == 4 && gn == 3) v_pass<F16, 3, 4>(a, kv_rows.data(), L, scratch.data(), Lp, acc);
+    else if (whole && dchunks == 8 && gn == 1) v_pass<F16, 1, 8>(a, kv_rows.data(), L, scratch.data(), Lp, acc);
+    else {
+      for (int64_t g = 0; g < gn; ++g)
+        for (int c = 0; c < dchunks; ++c) acc[g][c] = vzero();
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t vbase = kv_rows[j];
+        for (int c = 0; c < dchunks; ++c) {
+          const V16 v = c < dchunks - 1 ? kvload<F16>(a.v_cache, vbase + c * 16) : kv_last(a.v_cache, vbase);
+          for (int64_t g = 0; g < gn; ++g) acc[g][c] = vfma(vset1(scratch[g * Lp + j]), v, acc[g][c]);
+        }
       }
     }
     for (int64_t g = 0; g < gn; ++g) {
