@@ -128,11 +128,17 @@ def linear_table(config, batches: list[int], repeat: int) -> list[dict]:  # type
 
 
 def decode_step_table(
-    model_path: Path, tps: list[int], dtypes: list[str], batches: list[int], repeat: int, paths: list[str]
+    model_path: Path,
+    tps: list[int],
+    dtypes: list[str],
+    batches: list[int],
+    repeat: int,
+    paths: list[str],
+    ctx: int = 128,
 ) -> list[dict]:
     from app.worker.pool import PoolConfig, WorkerPool
 
-    ctx, bs, prefill = 128, 16, 512
+    bs, prefill = 16, 512
     rows = []
     for path in paths:
         for tp, dtype in ((tp, dtype) for tp in tps for dtype in dtypes):
@@ -140,7 +146,7 @@ def decode_step_table(
             num_blocks = max(max(batches) * blocks_per_seq, prefill // bs + 1)
             pool = WorkerPool(
                 PoolConfig(model_path, dtype, tp, num_blocks=num_blocks, block_size=bs,
-                           max_num_batched_tokens=max(prefill, max(batches)), kernels=path)
+                           max_num_batched_tokens=max(prefill, ctx, max(batches)), kernels=path)
             )  # fmt: skip
             pool.start()
             try:
@@ -198,6 +204,8 @@ def main(argv: list[str]) -> int:
         "--kernels", nargs="+", default=["auto", "torch"], help="compute paths of the decode steps"
     )
     p.add_argument("--skip-steps", action="store_true", help="only kernels and all-reduce")
+    p.add_argument("--steps-only", action="store_true", help="only the decode steps")
+    p.add_argument("--context", type=int, default=128, help="tokens of context of each decode step")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -205,24 +213,25 @@ def main(argv: list[str]) -> int:
     config = read_config(model_path)
     print(f"## shardserve bench kernels\n\nmachine: {machine()}\nmodel: {model_path.name}\n")
     report: dict = {"machine": machine(), "model": model_path.name}
-    report["linear"] = linear_table(config, args.batches, args.repeat)
-    print("### All linear layers of one decode step\n")
-    print(_md(report["linear"], ["format", "batch", "ms", "tok_s"]) + "\n")
+    if not args.steps_only:
+        report["linear"] = linear_table(config, args.batches, args.repeat)
+        print("### All linear layers of one decode step\n")
+        print(_md(report["linear"], ["format", "batch", "ms", "tok_s"]) + "\n")
 
-    from app.worker.comm_bench import bench_allreduce
+        from app.worker.comm_bench import bench_allreduce
 
-    ar = bench_allreduce(2, config.hidden_size, 1000)
-    report["allreduce"] = ar
-    print(f"### All-reduce of {config.hidden_size} fp32 between 2 ranks (µs)\n")
-    print("| backend | median | p90 |\n|---|---|---|")
-    for name in ("shm", "gloo"):
-        print(f"| {name} | {ar[name]['median_us']:.1f} | {ar[name]['p90_us']:.1f} |")
-    print()
+        ar = bench_allreduce(2, config.hidden_size, 1000)
+        report["allreduce"] = ar
+        print(f"### All-reduce of {config.hidden_size} fp32 between 2 ranks (µs)\n")
+        print("| backend | median | p90 |\n|---|---|---|")
+        for name in ("shm", "gloo"):
+            print(f"| {name} | {ar[name]['median_us']:.1f} | {ar[name]['p90_us']:.1f} |")
+        print()
     if not args.skip_steps:
         report["decode_step"] = decode_step_table(
-            model_path, args.tp, args.dtypes, args.batches, args.repeat, args.kernels
+            model_path, args.tp, args.dtypes, args.batches, args.repeat, args.kernels, args.context
         )
-        print("### Decode step through the worker pool (context 128)\n")
+        print(f"### Decode step through the worker pool (context {args.context})\n")
         print(_md(report["decode_step"], ["path", "tp", "dtype", "batch", "ms", "tok_s"]) + "\n")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

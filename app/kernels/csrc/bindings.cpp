@@ -181,8 +181,7 @@ class Kernels {
                         row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), out.data_ptr<float>()};
     if (T == 0) return;
     py::gil_scoped_release nogil;
-    a.parts = attention_parts(T, Hq, Hkv);
-    ss::WorkQueue tasks(T * Hkv * a.parts, 1);
+    ss::WorkQueue tasks(T * Hkv, 1);
     pool_.run([&](int) { tasks.drain([&](int64_t i0, int64_t i1) { ops_->attention(a, i0, i1); }); });
   }
 
@@ -270,8 +269,7 @@ class Kernels {
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
-    attn.parts = attention_parts(M, Hq, Hkv);
-    ss::WorkQueue qkv_q = linear_queue(qkv), attn_q(M * Hkv * attn.parts, 1), o_q = linear_queue(o);
+    ss::WorkQueue qkv_q = linear_queue(qkv), attn_q(M * Hkv, 1), o_q = linear_queue(o);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
@@ -342,12 +340,6 @@ class Kernels {
   }
 
  private:
-  // Attention tasks per (row, KV head): one per query head when rows x KV heads would leave a
-  // thread idle or unbalanced (batch 1: 3 KV heads on 2 threads), else one pass per KV head.
-  int64_t attention_parts(int64_t rows, int64_t Hq, int64_t Hkv) const {
-    return rows * Hkv < 4 * pool_.threads() ? Hq / Hkv : 1;
-  }
-
   // A linear layer's outputs in whole tiles, about eight chunks per thread.
   ss::WorkQueue linear_queue(const ss::LinearArgs& a) const {
     const int64_t nr = ops_->linear_nr;

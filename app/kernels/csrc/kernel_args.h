@@ -39,9 +39,6 @@ struct AttentionArgs {
   int64_t block_size;
   float scale;
   float* out;
-  // Tasks per (row, KV head): 1 (its query heads together, one pass over K/V) or Hq / Hkv (one
-  // query head each, for few rows: long contexts at batch 1 need more tasks than KV heads).
-  int64_t parts = 1;
 };
 
 // RMSNorm (weight * (x * rsqrt(mean(x^2) + eps))) or LayerNorm ((x - mean) * rsqrt(var + eps) *
@@ -96,7 +93,7 @@ struct IsaOps {
   const char* name;
   // Outputs [n0, n1) of every row.
   void (*linear)(const LinearArgs&, int64_t n0, int64_t n1);
-  // Tasks ((row, KV head), part) numbered (t * Hkv + h) * parts + p, [i0, i1).
+  // Tasks (row, KV head) numbered t * Hkv + h, [i0, i1): one pass over K and V for its query heads.
   void (*attention)(const AttentionArgs&, int64_t i0, int64_t i1);
   void (*norm)(const NormArgs&, int64_t m0, int64_t m1);
   void (*kv_write)(const KvWriteArgs&, int64_t t0, int64_t t1);

@@ -291,12 +291,10 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, int64_t
 static void attention_tasks(const AttentionArgs& a, int64_t i0, int64_t i1) {
   thread_local std::vector<float> scratch;
   thread_local std::vector<int64_t> kv_rows;
-  const int64_t G = a.Hq / a.Hkv, per_part = G / a.parts;
+  const int64_t G = a.Hq / a.Hkv;
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t th = i / a.parts, p = i % a.parts, t = th / a.Hkv, h = th % a.Hkv;
-    const int64_t g0 = p * per_part, g1 = p == a.parts - 1 ? G : g0 + per_part;
-    if (a.kv_f16) attention_task<true>(a, t, h, g0, g1, scratch, kv_rows);
-    else attention_task<false>(a, t, h, g0, g1, scratch, kv_rows);
+    if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, 0, G, scratch, kv_rows);
+    else attention_task<false>(a, i / a.Hkv, i % a.Hkv, 0, G, scratch, kv_rows);
   }
 }
 
