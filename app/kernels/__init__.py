@@ -13,12 +13,8 @@ x86-64); `avx512` / `avx2` force one build; `torch` is the reference path (app/l
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Literal
 
 import torch
-
-KernelChoice = Literal["auto", "avx512", "avx2", "torch"]
-KERNEL_CHOICES: tuple[str, ...] = ("auto", "avx512", "avx2", "torch")
 
 
 def extension() -> ModuleType | None:
@@ -66,7 +62,9 @@ def describe(choice: str) -> str:
 class CpuKernels:
     """One rank's kernels: an ISA build and its team of threads (alive as long as this object).
 
-    Inputs are fp32 and contiguous; outputs are new tensors unless `out` is given."""
+    Activations are fp32 (made contiguous here); every method returns a new tensor, except kv_write,
+    which writes into the caches it is given, and the fused blocks, which also add their residual
+    into x in place."""
 
     def __init__(self, isa: str, threads: int, spin_us: int = 200) -> None:
         ext = extension()

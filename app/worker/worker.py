@@ -135,7 +135,7 @@ def worker_main(
         if args.remote:
             torch.distributed.barrier()  # ready only when every rank, local or not, has loaded
         if conn is not None:
-            compute = describe(args.kernels) if kernels is not None or device.kind == "cpu" else device.kind
+            compute = describe(args.kernels) if device.kind == "cpu" else device.kind
             if kernels is not None:
                 compute += f", {kernels.threads} thread{'s' * (kernels.threads > 1)}"
             ready = RankReady(
