@@ -123,6 +123,11 @@ def test_attention_refuses_positions_outside_the_cache(kernels):
         kernels.attention(q, cache, cache, torch.tensor([[0]], dtype=torch.int32), one - 1, one * 17, 16, 1.0)
     with pytest.raises(RuntimeError, match="outside the cache"):
         kernels.kv_write(q, q, torch.tensor([32]), cache, cache)
+    wide = torch.zeros(32, 1, 272)  # head_dim past what the kernel's accumulators hold
+    with pytest.raises(RuntimeError, match="head_dim above 256"):
+        kernels.attention(
+            torch.zeros(1, 1, 272), wide, wide, torch.tensor([[0]], dtype=torch.int32), one - 1, one, 16, 1.0
+        )
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=str)

@@ -163,19 +163,8 @@ class Kernels {
     check(q, at::kFloat, 3, "q");
     check(out, at::kFloat, 3, "out");
     TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
-                    k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
-                "k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] of one dtype");
-    const bool f16 = k_cache.scalar_type() == at::kHalf;
-    TORCH_CHECK(f16 || k_cache.scalar_type() == at::kFloat, "the KV cache must be float32 or float16");
-    check(tables, at::kInt, 2, "tables");
-    check(row_seq, at::kInt, 1, "row_seq");
-    check(row_len, at::kInt, 1, "row_len");
-    const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(2) == D && Hkv > 0 && Hq % Hkv == 0, "q heads must be a multiple of KV heads");
-    TORCH_CHECK(D <= 256, "head_dim above 256 is not supported");
-    TORCH_CHECK(row_seq.size(0) == T && row_len.size(0) == T, "row_seq and row_len need one value per row");
-    check_pages(tables, row_seq, row_len, k_cache.size(0), block_size);
+    const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.dim() == 3 ? k_cache.size(1) : 0;
+    const bool f16 = check_attention(T, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len, block_size);
     ss::AttentionArgs a{q.data_ptr<float>(), T, Hq, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(), f16,
                         tables.data_ptr<int32_t>(), tables.size(1), row_seq.data_ptr<int32_t>(),
                         row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), out.data_ptr<float>()};
@@ -209,11 +198,9 @@ class Kernels {
     check(k, at::kFloat, 3, "k");
     check(v, at::kFloat, 3, "v");
     check(slots, at::kLong, 1, "slots");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-    const bool f16 = k_cache.scalar_type() == at::kHalf;
-    TORCH_CHECK(f16 || k_cache.scalar_type() == at::kFloat, "the KV cache must be float32 or float16");
+    const bool f16 = check_cache(k_cache, v_cache, k.size(1), k.size(2));
     const int64_t T = slots.size(0), E = k_cache.size(1) * k_cache.size(2);
-    TORCH_CHECK(k.size(0) >= T && k.size(1) * k.size(2) == E && v.sizes() == k.sizes(), "kv_write shapes disagree");
+    TORCH_CHECK(k.size(0) >= T && v.sizes() == k.sizes(), "kv_write shapes disagree");
     check_slots(slots, k_cache.size(0));
     ss::KvWriteArgs a{k.data_ptr<float>(), v.data_ptr<float>(), T, E, slots.data_ptr<int64_t>(),
                       k_cache.data_ptr(), v_cache.data_ptr(), f16};
@@ -244,13 +231,8 @@ class Kernels {
     check(sin, at::kFloat, 2, "sin");
     TORCH_CHECK(positions.size(0) == M && slots.size(0) == M && cos.size(1) == D && sin.sizes() == cos.sizes(),
                 "rotary shapes disagree");
-    const bool f16 = check_cache(k_cache, v_cache, Hkv, D);
+    const bool f16 = check_attention(M, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len, block_size);
     check_slots(slots, k_cache.size(0));
-    check(tables, at::kInt, 2, "tables");
-    check(row_seq, at::kInt, 1, "row_seq");
-    check(row_len, at::kInt, 1, "row_len");
-    TORCH_CHECK(row_seq.size(0) == M && row_len.size(0) == M, "row_seq and row_len need one value per row");
-    check_pages(tables, row_seq, row_len, k_cache.size(0), block_size);
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int64_t t = 0; t < M; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " past the rotary table");
 
@@ -364,6 +346,22 @@ class Kernels {
     TORCH_CHECK(k_cache.size(1) == Hkv && k_cache.size(2) == D, "the KV cache's heads disagree with the model's");
     const bool f16 = k_cache.scalar_type() == at::kHalf;
     TORCH_CHECK(f16 || k_cache.scalar_type() == at::kFloat, "the KV cache must be float32 or float16");
+    return f16;
+  }
+
+  // Everything the attention kernel reads without bounds checks, for both entry points; returns
+  // whether the cache is fp16.
+  static bool check_attention(int64_t rows, int64_t Hq, int64_t Hkv, int64_t D, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& row_seq,
+                              const at::Tensor& row_len, int64_t block_size) {
+    TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q heads must be a multiple of KV heads");
+    TORCH_CHECK(D <= 256, "head_dim above 256 is not supported");
+    const bool f16 = check_cache(k_cache, v_cache, Hkv, D);
+    check(tables, at::kInt, 2, "tables");
+    check(row_seq, at::kInt, 1, "row_seq");
+    check(row_len, at::kInt, 1, "row_len");
+    TORCH_CHECK(row_seq.size(0) == rows && row_len.size(0) == rows, "row_seq and row_len need one value per row");
+    check_pages(tables, row_seq, row_len, k_cache.size(0), block_size);
     return f16;
   }
 

@@ -189,17 +189,17 @@ static void v_pass(const AttentionArgs& a, const int64_t* kv_rows, int64_t L, co
     for (int c = 0; c < DC; ++c) out[g][c] = acc[g][c];
 }
 
-// Query heads [g_begin, g_end) of KV head h for row t. Each query head's arithmetic is its own
-// (heads share only the loads of K and V), so how heads are grouped into tasks changes no result.
+// The query heads of KV head h for row t, kMaxGroup at a time; each head's arithmetic is its own
+// (heads share only the loads of K and V).
 template <bool F16>
-static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, int64_t g_begin, int64_t g_end,
-                           std::vector<float>& scratch, std::vector<int64_t>& kv_rows) {
+static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, std::vector<float>& scratch,
+                           std::vector<int64_t>& kv_rows) {
   const int64_t G = a.Hq / a.Hkv, D = a.D, L = a.row_len[t];
   const int64_t Lp = (L + 15) / 16 * 16;
   const int dchunks = static_cast<int>((D + 15) / 16);
   const int dtail = static_cast<int>(D - (dchunks - 1) * 16);
-  for (int64_t g0 = g_begin; g0 < g_end; g0 += kMaxGroup) {
-    const int64_t gn = std::min<int64_t>(kMaxGroup, g_end - g0);
+  for (int64_t g0 = 0; g0 < G; g0 += kMaxGroup) {
+    const int64_t gn = std::min<int64_t>(kMaxGroup, G - g0);
     const float* q0 = a.q + (t * a.Hq + h * G + g0) * D;
     float* out0 = a.out + (t * a.Hq + h * G + g0) * D;
     if (L == 0) {
@@ -291,10 +291,9 @@ static void attention_task(const AttentionArgs& a, int64_t t, int64_t h, int64_t
 static void attention_tasks(const AttentionArgs& a, int64_t i0, int64_t i1) {
   thread_local std::vector<float> scratch;
   thread_local std::vector<int64_t> kv_rows;
-  const int64_t G = a.Hq / a.Hkv;
   for (int64_t i = i0; i < i1; ++i) {
-    if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, 0, G, scratch, kv_rows);
-    else attention_task<false>(a, i / a.Hkv, i % a.Hkv, 0, G, scratch, kv_rows);
+    if (a.kv_f16) attention_task<true>(a, i / a.Hkv, i % a.Hkv, scratch, kv_rows);
+    else attention_task<false>(a, i / a.Hkv, i % a.Hkv, scratch, kv_rows);
   }
 }
 

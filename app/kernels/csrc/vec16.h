@@ -154,26 +154,16 @@ static inline void copy_partial(T* buf, const T* p, int n) {
   std::memset(buf, 0, 16 * sizeof(T));
   std::memcpy(buf, p, n * sizeof(T));
 }
-static inline V16 vload_n(const float* p, int n) {
-  alignas(64) float b[16];
+template <typename T, V16 (*Load)(const T*)>
+static inline V16 load_partial(const T* p, int n) {
+  alignas(64) T b[16];
   copy_partial(b, p, n);
-  return vload(b);
+  return Load(b);
 }
-static inline V16 vload_i8_n(const int8_t* p, int n) {
-  alignas(16) int8_t b[16];
-  copy_partial(b, p, n);
-  return vload_i8(b);
-}
-static inline V16 vload_bf16_n(const uint16_t* p, int n) {
-  alignas(32) uint16_t b[16];
-  copy_partial(b, p, n);
-  return vload_bf16(b);
-}
-static inline V16 vload_f16_n(const uint16_t* p, int n) {
-  alignas(32) uint16_t b[16];
-  copy_partial(b, p, n);
-  return vload_f16(b);
-}
+static inline V16 vload_n(const float* p, int n) { return load_partial<float, vload>(p, n); }
+static inline V16 vload_i8_n(const int8_t* p, int n) { return load_partial<int8_t, vload_i8>(p, n); }
+static inline V16 vload_bf16_n(const uint16_t* p, int n) { return load_partial<uint16_t, vload_bf16>(p, n); }
+static inline V16 vload_f16_n(const uint16_t* p, int n) { return load_partial<uint16_t, vload_f16>(p, n); }
 static inline void vstore_n(float* p, V16 a, int n) {
   alignas(64) float b[16];
   vstore(b, a);
