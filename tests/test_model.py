@@ -19,6 +19,7 @@ from app.layers.parallel import TPContext
 from app.model.errors import ModelLoadError
 from app.model.loader import load_model
 from app.worker.comm import SingleCommunicator
+from app.worker.runner import allocate_kv
 from tests.models import hf_llama_as_quantized, tiny_gguf, tiny_llama
 
 SHAPES = {
@@ -50,13 +51,9 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> bool:
 def _logits(loaded, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
     """Full-sequence logits, computed in one prefill or in the given chunk sizes."""
     model = loaded.model
-    kv_heads, head_dim = model.kv_shape()
     n, bs = len(ids), 16
     blocks = tuple(reversed(range(-(-n // bs))))  # a scrambled block table: paging must not matter
-    caches = [
-        (torch.zeros(len(blocks) * bs, kv_heads, head_dim), torch.zeros(len(blocks) * bs, kv_heads, head_dim))
-        for _ in range(loaded.config.num_layers)
-    ]
+    _, caches = allocate_kv(loaded, len(blocks), bs, torch.float32)
     out, start = [], 0
     with torch.no_grad():
         for size in chunks or [n]:

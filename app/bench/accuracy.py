@@ -19,6 +19,7 @@ from app.model.registry_names import ensure_model
 from app.settings import Settings
 from app.tokenizer import Tokenizer
 from app.worker.comm import SingleCommunicator
+from app.worker.runner import allocate_kv
 
 PROMPTS = (
     "The capital of France is",
@@ -32,14 +33,9 @@ PROMPTS = (
 def prompt_logits(loaded: LoadedModel, ids: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
     """Logits at every position of one prompt computed in one prefill over a fresh paged cache."""
     model = loaded.model
-    kv_heads, head_dim = model.kv_shape()
     n, bs = len(ids), 16
     blocks = tuple(range(-(-n // bs)))
-    caches = [
-        (torch.zeros(len(blocks) * bs, kv_heads, head_dim, dtype=kv_dtype),
-         torch.zeros(len(blocks) * bs, kv_heads, head_dim, dtype=kv_dtype))
-        for _ in range(loaded.config.num_layers)
-    ]  # fmt: skip
+    _, caches = allocate_kv(loaded, len(blocks), bs, kv_dtype)
     if loaded.kernels is not None:
         meta = build_kernel_metadata([n], [0], [blocks], bs, loaded.kernels, n)
     else:

@@ -100,6 +100,19 @@ class CpuKernels:
     ) -> None:
         self._k.kv_write(k.contiguous(), v.contiguous(), slots, k_cache, v_cache)
 
+    @staticmethod
+    def kv_views(
+        blocks: torch.Tensor, kv_heads: int, head_dim: int, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's KV storage [2, blocks, block_size * kv_heads * head_dim] in the kernels' layout:
+        K [blocks, kv_heads, head_dim, block_size] (each block's keys transposed, so attention's
+        scores for 16 keys are one vector per element) and V [blocks, kv_heads, block_size, head_dim]."""
+        n = blocks.shape[1]
+        return (
+            blocks[0].view(n, kv_heads, head_dim, block_size),
+            blocks[1].view(n, kv_heads, block_size, head_dim),
+        )
+
     # The fused blocks of a Llama layer; arguments as in csrc/bindings.cpp (Kernels::attn_block ...).
     def attn_block(self, *args: object) -> torch.Tensor:
         """[x += residual], RMSNorm, qkv, rotary + KV write, attention, o_proj: one parallel region."""
