@@ -1,12 +1,15 @@
 // The kernels, written once over V16 and compiled once per ISA (isa_avx2.cpp, isa_avx512.cpp).
 //
-// Reduction order of every output (the whole point of this file): a dot product over K (linear) or
-// D (attention scores) accumulates element k into lane k % 16 with one fma per element, in
-// increasing k, the last partial block zero-filled; then vhadd's fixed tree adds the lanes. Softmax
-// sums exp(s_j - max) the same way over j; attention's weighted sum of V adds position j's term
-// for every j in increasing order, one fma per element. Norms reduce their row like a dot product.
-// Nothing here depends on M, on a row's place among the rows, on the tile an output falls in, on
-// the thread that computes it or on the ISA: tiles only share loads, never partial sums.
+// Reduction order of every output (the whole point of this file): a dot product over K (linear)
+// accumulates element k into lane k % 16 with one fma per element, in increasing k, the last partial
+// block zero-filled; then vhadd's fixed tree adds the lanes. An attention score is one key's dot
+// product over D in increasing d, one fma per element (16 keys side by side in the lanes). Softmax
+// works in fixed partitions of a row's positions: exp(s_j - the partition's max) summed in lanes of
+// 16 consecutive positions, then vhadd; the weighted sum of V adds position j's term for every j in
+// increasing order, one fma per element; partitions merge in increasing order. Norms reduce their
+// row like a dot product. Nothing here depends on M, on a row's place among the rows, on the tile an
+// output falls in, on the thread that computes it or on the ISA: tiles only share loads, never
+// partial sums.
 //
 // Included inside the ISA namespace after vec16.h; SS_MR x SS_NR is the register tile of the
 // linear kernel (rows x outputs).
