@@ -3,7 +3,8 @@
 References are computed in float64 from the same inputs, so tolerances are the kernels' own
 rounding; the promises the kernels make by construction are checked bitwise: a row alone equals
 the same row at every place in every batch, 1 thread equals 2, and the AVX2 build equals the
-AVX-512 one (the same arithmetic lane for lane)."""
+AVX-512 one (the same arithmetic lane for lane; so does the AVX-512 VNNI build, except for int8
+weights, where it takes int8 activations: checked against a reference of that arithmetic)."""
 
 from __future__ import annotations
 
@@ -55,19 +56,69 @@ def test_linear_matches_float64_and_rows_do_not_depend_on_the_batch(kernels, dty
     assert torch.equal(kernels.linear(shuffled, w, scale)[3:].flip(0), y)
 
 
+def _pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> the kernels' packed [N / 4, K / 16, 4, 16]: four outputs' 16-element blocks."""
+    n, k = q.shape
+    return q.view(n // 4, 4, k // 16, 16).transpose(1, 2).contiguous()
+
+
+def _int8_activations_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What avx512vnni computes, in float64 from the quantized values: x per row in blocks of 16,
+    d = max|x| / 127, x_q = round_half_even(x * (1 / d)) (fp32, as the kernel), exact integer dot
+    products scaled by d, then by the weight's scale."""
+    out = torch.zeros(x.shape[0], q.shape[0], dtype=torch.float64)
+    for b0 in range(0, x.shape[1], 16):
+        xb = x[:, b0 : b0 + 16]
+        d = xb.abs().amax(1, keepdim=True) / 127
+        xq = torch.round(xb * torch.where(d > 0, 1 / d, torch.zeros_like(d)))
+        assert xq.abs().max() <= 127
+        out += d.double() * (xq.double() @ q[:, b0 : b0 + 16].double().T)
+    return out * scale.double()
+
+
+def _arithmetic(isa: str, dtype: torch.dtype) -> str:
+    """Builds that promise bitwise equal results share a name: all of them, except that avx512vnni
+    takes int8 activations for (packed) int8 weights."""
+    return "int8 activations" if isa == "avx512vnni" and dtype == torch.int8 else "fp32 activations"
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (7, 592, 36), (70, 1536, 64), (16, 64, 4)])
+def test_packed_int8_linear_on_every_build(kernels, m, k, n):
+    """Packed int8 weights: fp32 activations (avx2, avx512) against float64, int8 activations
+    (avx512vnni) against their own float64 reference; a row alone equals the row in any batch."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4  # uneven feature scales
+    x[0, :16] = 0.0  # an all-zero block: d = 0
+    q, scale = _weight(n, k, torch.int8, g)
+    y = kernels.linear(x, _pack(q), scale)
+    if kernels.isa == "avx512vnni":
+        ref = _int8_activations_reference(x, q, scale)
+        tol = 2e-6 * ref.abs().max().item() * math.sqrt(k / 16)
+    else:
+        ref = x.double() @ q.double().T * scale.double()
+        tol = 1e-5 * ref.abs().max().item() * math.sqrt(k)
+    assert (y.double() - ref).abs().max().item() <= tol
+    for i in range(m):
+        assert torch.equal(kernels.linear(x[i : i + 1], _pack(q), scale)[0], y[i])
+    shuffled = torch.cat([torch.randn(3, k, generator=g), x.flip(0)])
+    assert torch.equal(kernels.linear(shuffled, _pack(q), scale)[3:].flip(0), y)
+
+
 def test_thread_count_and_isa_do_not_change_a_bit():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(9, 1000, generator=g)
+    x = torch.randn(9, 1024, generator=g)
     results = []
     for isa in ISAS:
         for threads in (1, 2, 3):
             k = CpuKernels(isa, threads)
             for dtype in WEIGHT_DTYPES:
-                w, scale = _weight(77, 1000, dtype, torch.Generator().manual_seed(6))
-                results.append((dtype, k.linear(x, w, scale)))
-    for dtype in WEIGHT_DTYPES:
-        same = [y for d, y in results if d == dtype]
-        assert all(torch.equal(same[0], y) for y in same[1:]), dtype
+                w, scale = _weight(76, 1024, dtype, torch.Generator().manual_seed(6))
+                if dtype == torch.int8:
+                    results.append((dtype, _arithmetic(isa, dtype), "packed", k.linear(x, _pack(w), scale)))
+                results.append((dtype, _arithmetic(isa, torch.float32), "plain", k.linear(x, w, scale)))
+    for key in {r[:3] for r in results}:
+        same = [r[3] for r in results if r[:3] == key]
+        assert len(same) >= 3 and all(torch.equal(same[0], y) for y in same[1:]), key
 
 
 def _reference_attention(q, k_cache, v_cache, tables, row_seq, row_len, block, scale):
@@ -211,7 +262,7 @@ def test_norms_match_torch(kernels, h):
 def test_the_choice_of_path():
     assert resolve("torch") == "torch" and describe("torch").startswith("torch")
     assert resolve("auto") == ISAS[0] and describe("auto").startswith(ISAS[0])
-    for isa in ("avx512", "avx2"):
+    for isa in ("avx512vnni", "avx512", "avx2"):
         if isa in ISAS:
             assert resolve(isa) == isa
         else:

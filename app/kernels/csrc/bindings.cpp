@@ -15,13 +15,14 @@
 namespace ss {
 const IsaOps* avx2_ops();
 const IsaOps* avx512_ops();
+const IsaOps* avx512vnni_ops();
 }  // namespace ss
 
 namespace {
 
 // What the CPU and the OS both allow (XGETBV: the OS saves the YMM / ZMM state on context switch).
 struct CpuFeatures {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, avx512vnni = false;
 };
 
 CpuFeatures cpu_features() {
@@ -36,6 +37,7 @@ CpuFeatures cpu_features() {
   if (!ymm || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
   f.avx2 = b & (1u << 5);
   f.avx512 = f.avx2 && zmm && (b & (1u << 16));
+  f.avx512vnni = f.avx512 && (b & (1u << 30)) && (c & (1u << 11));  // AVX512BW, AVX512_VNNI
   return f;
 }
 
@@ -124,14 +126,17 @@ class Kernels {
  public:
   Kernels(const std::string& isa, int threads, int spin_us) : pool_(threads, spin_us) {
     const CpuFeatures f = cpu_features();
-    if (isa == "avx512") {
+    if (isa == "avx512vnni") {
+      TORCH_CHECK(f.avx512vnni, "this CPU (or OS) does not support AVX-512 VNNI");
+      ops_ = ss::avx512vnni_ops();
+    } else if (isa == "avx512") {
       TORCH_CHECK(f.avx512, "this CPU (or OS) does not support AVX-512F");
       ops_ = ss::avx512_ops();
     } else if (isa == "avx2") {
       TORCH_CHECK(f.avx2, "this CPU (or OS) does not support AVX2 + FMA + F16C");
       ops_ = ss::avx2_ops();
     } else {
-      TORCH_CHECK(false, "unknown ISA '", isa, "' (avx512 or avx2)");
+      TORCH_CHECK(false, "unknown ISA '", isa, "' (avx512vnni, avx512 or avx2)");
     }
   }
 
@@ -152,9 +157,16 @@ class Kernels {
       a.scale = scale->data_ptr<float>();
     }
     if (M == 0 || N == 0) return;
+    at::Tensor xq, xd;
+    const bool q8 = int8_activations(a, xq, xd);
     py::gil_scoped_release nogil;
+    const int T = pool_.threads();
+    ss::Barrier barrier(T);
     ss::WorkQueue outputs = linear_queue(a);
-    pool_.run([&](int) { outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); }); });
+    pool_.run([&](int i) {
+      quantize_phase(a, q8, i, T, barrier);
+      outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); });
+    });
   }
 
   void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -249,6 +261,8 @@ class Kernels {
     attn.q = rope.q_out;
     o.x = attn.out, o.M = M, o.y = y.data_ptr<float>();
     if (M == 0) return y;
+    at::Tensor qkv_xq, qkv_xd, o_xq, o_xd;
+    const bool qkv_q8 = int8_activations(qkv, qkv_xq, qkv_xd), o_q8 = int8_activations(o, o_xq, o_xd);
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
@@ -257,6 +271,7 @@ class Kernels {
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
+      if (qkv_q8) ops_->quantize(qkv, rows.first, rows.second);  // the rows this thread normalised
       barrier.wait();
       qkv_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(qkv, n0, n1); });
       barrier.wait();
@@ -264,6 +279,7 @@ class Kernels {
       barrier.wait();
       attention_phase(attn, parts_q, merge_q, barrier);
       barrier.wait();
+      quantize_phase(o, o_q8, i, T, barrier);
       o_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(o, n0, n1); });
     });
     return y;
@@ -291,6 +307,8 @@ class Kernels {
     ss::SiluMulArgs silu{gu.y, M, I, act.data_ptr<float>()};
     down.x = silu.out, down.M = M, down.y = y.data_ptr<float>();
     if (M == 0) return y;
+    at::Tensor gu_xq, gu_xd, down_xq, down_xd;
+    const bool gu_q8 = int8_activations(gu, gu_xq, gu_xd), down_q8 = int8_activations(down, down_xq, down_xd);
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
@@ -298,12 +316,14 @@ class Kernels {
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
+      if (gu_q8) ops_->quantize(gu, rows.first, rows.second);
       barrier.wait();
       gu_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(gu, n0, n1); });
       barrier.wait();
       auto elems = share(M * I, i, T, 16);
       ops_->silu_mul(silu, elems.first, elems.second);
       barrier.wait();
+      quantize_phase(down, down_q8, i, T, barrier);
       down_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(down, n0, n1); });
     });
     return y;
@@ -385,6 +405,26 @@ class Kernels {
     return a;
   }
 
+  // The VNNI build takes int8 activations for packed int8 weights: room for x quantized (a.x and
+  // a.M set). Returns whether this linear does.
+  bool int8_activations(ss::LinearArgs& a, at::Tensor& xq, at::Tensor& xd) const {
+    if (ops_->quantize == nullptr || a.wfmt != ss::W_I8_PACKED) return false;
+    const int64_t blocks = (a.K + ss::kActBlock - 1) / ss::kActBlock;
+    xq = at::empty({a.M * a.K}, at::kByte);
+    xd = at::empty({a.M * blocks}, at::kFloat);
+    a.xq = xq.data_ptr<uint8_t>();
+    a.xd = xd.data_ptr<float>();
+    return true;
+  }
+
+  // Inside a parallel region: thread i's rows of x quantized, then a barrier (int8 activations only).
+  void quantize_phase(const ss::LinearArgs& a, bool q8, int i, int T, ss::Barrier& barrier) const {
+    if (!q8) return;
+    auto rows = share(a.M, i, T);
+    ops_->quantize(a, rows.first, rows.second);
+    barrier.wait();
+  }
+
   // Attention inside a parallel region: every partition, then the merge of rows of several.
   void attention_phase(const ss::AttentionArgs& a, ss::WorkQueue& parts, ss::WorkQueue& merges,
                        ss::Barrier& barrier) const {
@@ -411,6 +451,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas", [] {
     const CpuFeatures f = cpu_features();
     std::vector<std::string> isas;
+    if (f.avx512vnni) isas.push_back("avx512vnni");
     if (f.avx512) isas.push_back("avx512");
     if (f.avx2) isas.push_back("avx2");
     return isas;

@@ -21,7 +21,12 @@ struct LinearArgs {
   float* y;
   int64_t N;
   const float* bias = nullptr;  // added after the scale; nullptr: none
+  // int8 activations (the VNNI build, packed int8 weights): x quantized by `quantize` first, per row
+  // in blocks of kActBlock: xq = round(x / d) + 128 as uint8, d = max|x| / 127 per block in xd.
+  uint8_t* xq = nullptr;
+  float* xd = nullptr;
 };
+constexpr int64_t kActBlock = 16;
 
 // Paged attention: row t (query heads [Hq, D]) of sequence row_seq[t] attends its first
 // row_len[t] positions; position pos sits in block table[row_seq[t]][pos / block_size] at offset
@@ -115,6 +120,8 @@ struct IsaOps {
   void (*silu_mul)(const SiluMulArgs&, int64_t e0, int64_t e1);
   // Outputs per tile and rows per tile of the linear kernel: thread splits align to them.
   int64_t linear_nr;
+  // Rows [m0, m1) of a linear's x into its xq / xd; nullptr: this build keeps fp32 activations.
+  void (*quantize)(const LinearArgs&, int64_t m0, int64_t m1);
 };
 
 }  // namespace ss

@@ -85,6 +85,63 @@ static void linear_tile_packed(const LinearArgs& a, int64_t m0, int64_t n0) {
   store_tile<MR, NR>(a, acc, m0, n0);
 }
 
+#ifdef SS_INT8_ACT
+// ---- int8 activations (the AVX-512 VNNI build) ------------------------------------------------
+// Integer sums are exact, so only the per-block scaling is ordered: each output's lanes (4 per
+// output, a quarter of each 16-element run) accumulate d_block * sum_block in increasing block
+// order, then ((l0 + l1) + (l2 + l3)), times the weight's scale, plus the bias.
+
+static void quantize_rows(const LinearArgs& a, int64_t m0, int64_t m1) {
+  const int64_t K = a.K, nb = K / ss::kActBlock;  // K % 16 == 0 (packed weights)
+  const __m512i off = _mm512_set1_epi32(128);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = a.x + m * K;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 v = _mm512_loadu_ps(x + b * 16);
+      const float d = _mm512_reduce_max_ps(_mm512_abs_ps(v)) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+      a.xd[m * nb + b] = d;
+      const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(id))), off);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a.xq + m * K + b * 16), _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+
+// A packed tile of 4 outputs with int8 activations: per 16-element block, vpdpbusd of the row's 16
+// activation bytes (broadcast to the 4 outputs' 16-byte lanes) with the tile's 64 weight bytes; the
+// +128 offset of the unsigned activations is taken back with the weights' own sums (one more
+// vpdpbusd per tile and block, shared by the rows).
+template <int MR>
+static void linear_tile_q8(const LinearArgs& a, int64_t m0, int64_t n0) {
+  const int64_t K = a.K, nb = K / ss::kActBlock;
+  const uint8_t* xq = a.xq + m0 * K;
+  const float* xd = a.xd + m0 * nb;
+  const int8_t* w = static_cast<const int8_t*>(a.w) + n0 * K;
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, w += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + SS_PREFETCH, _MM_HINT_T0);
+    const __m512i wv = _mm512_loadu_si512(w);
+    const __m512i comp = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, wv), 7);
+    for (int i = 0; i < MR; ++i) {
+      const __m128i xr = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + i * K + b * 16));
+      const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, _mm512_broadcast_i32x4(xr), wv), comp);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xd[i * nb + b]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(64) float l[16];
+    _mm512_store_ps(l, acc[i]);
+    float* y = a.y + (m0 + i) * a.N + n0;
+    for (int j = 0; j < ss::kPackRows; ++j) {
+      float s = (l[4 * j] + l[4 * j + 1]) + (l[4 * j + 2] + l[4 * j + 3]);
+      if (a.scale) s *= a.scale[n0 + j];
+      y[j] = a.bias ? s + a.bias[n0 + j] : s;
+    }
+  }
+}
+#endif
+
 template <int WF, int MR, int NR>
 static void linear_tile(const LinearArgs& a, int64_t m0, int64_t n0) {
   const int64_t K = a.K;
@@ -126,6 +183,9 @@ static void linear_tile_dispatch(const LinearArgs& a, int64_t m0, int mr, int64_
   if constexpr (NR > 1 && WF != ss::W_I8_PACKED) {  // packed: N % 4 == 0, every tile is whole
     if (nr < NR) return linear_tile_dispatch<WF, MR, NR - 1>(a, m0, mr, n0, nr);
   }
+#ifdef SS_INT8_ACT
+  if constexpr (WF == ss::W_I8_PACKED) return linear_tile_q8<MR>(a, m0, n0);
+#endif
   if constexpr (WF == ss::W_I8_PACKED) linear_tile_packed<MR>(a, m0, n0);
   else linear_tile<WF, MR, NR>(a, m0, n0);
 }
@@ -529,4 +589,10 @@ static void silu_mul_range(const SiluMulArgs& a, int64_t e0, int64_t e1) {
 }
 
 static const ss::IsaOps kOps = {SS_ISA_NAME, linear_range, attention_tasks, attention_merge, norm_rows, kv_write_rows,
-                                rope_kv_rows, silu_mul_range, SS_NR};
+                                rope_kv_rows, silu_mul_range, SS_NR,
+#ifdef SS_INT8_ACT
+                                quantize_rows
+#else
+                                nullptr
+#endif
+};
