@@ -15,6 +15,7 @@ from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
 from app.kernels import CpuKernels
 from app.layers.attention import build_kernel_metadata, build_spans
 from app.layers.parallel import TPContext
+from app.model.costs import NoComm
 from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
 from app.worker.comm import SingleCommunicator
@@ -61,21 +62,9 @@ def greedy(loaded: LoadedModel, prompt: list[int], steps: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-class _RankComm:
-    """Loading touches no collective; the model only records the rank's place."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("no collective while loading")
-
-    all_gather_last_dim = all_reduce
-
-
 def load_rank(path: Path, dtype: str, tp: int, rank: int) -> LoadedModel:
     """One rank's shard, loaded in this process (no pool, no collective)."""
-    return load_model(path, dtype, TPContext(rank, tp), _RankComm(rank, tp))
+    return load_model(path, dtype, TPContext(rank, tp), NoComm(rank, tp))
 
 
 def small_pool(path: Path, tp: int, dtype: str = "fp32") -> WorkerPool:
