@@ -77,11 +77,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             P + "queued_tokens", "Prompt tokens admitted but not yet computed.", value=s.queued_tokens
         )
-        total = max(1, s.kv_blocks_total)
         yield GaugeMetricFamily(
             P + "kv_cache_usage_ratio",
             "KV blocks held by running or waiting sequences over all blocks (cached, unheld blocks count as free).",
-            value=s.kv_blocks_used / total if s.kv_blocks_total else 0.0,
+            value=s.kv_cache_usage_ratio,
         )
         blocks = GaugeMetricFamily(P + "kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
         blocks.add_metric(["used"], s.kv_blocks_used)

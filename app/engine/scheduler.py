@@ -251,6 +251,7 @@ class Scheduler:
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_cached=bm.num_cached_free_blocks,
+            kv_cache_usage_ratio=bm.usage_ratio,
             preemptions_total=self.preemptions_total,
             prefix_cache_queries_total=bm.prefix_queries,
             prefix_cache_hits_total=bm.prefix_hits,

@@ -213,6 +213,7 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     kv_blocks_cached: int = 0
+    kv_cache_usage_ratio: float = 0.0  # blocks held by sequences / all (cached, unheld ones are free)
     preemptions_total: int = 0
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # prompt tokens found there
