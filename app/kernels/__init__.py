@@ -131,6 +131,12 @@ class CpuKernels:
         """[x += residual], RMSNorm, gate_up, silu * up, down: one parallel region."""
         return self._k.mlp_block(*args)
 
+    def layer_block(self, *args: object) -> torch.Tensor:
+        """A whole decoder layer in one parallel region: attn_block, o_proj's all-reduce, mlp_block,
+        down_proj's all-reduce (the last argument: the communicator's native handle, or None at
+        TP=1). Returns the layer's residual, reduced."""
+        return self._k.layer_block(*args)
+
     def add_norm(self, *args: object) -> torch.Tensor:
         """[x += residual], then RMSNorm (bias None) or LayerNorm."""
         return self._k.add_norm(*args)

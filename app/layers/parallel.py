@@ -18,6 +18,10 @@ class Comm(Protocol):
 
     def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def native_all_reduce(self) -> object | None:
+        """The C++ kernels' handle on this all-reduce (they reduce inside their call), or None."""
+        ...
+
 
 def split_sizes(total: int, parts: int) -> list[int]:
     """Split `total` into `parts` contiguous pieces, the first ones one larger when uneven."""

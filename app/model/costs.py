@@ -112,6 +112,9 @@ class NoComm:
 
     all_gather_last_dim = all_reduce
 
+    def native_all_reduce(self) -> None:
+        return None
+
 
 def build_meta_model(
     config: ModelConfig, dtype: str, tp: int, rank: int, device_kind: str = "cpu"

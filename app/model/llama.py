@@ -25,6 +25,7 @@ from app.layers.rotary import RotaryEmbedding
 from app.model.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+_NO_COMM = object()  # one rank: the fused layer reduces nothing
 
 
 class LlamaAttention(nn.Module):
@@ -130,6 +131,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self._fused: list[FusedLayer] | None = None
+        self._native_comm: object | None = None  # see _forward_fused; set with _fused
         rope = RotaryEmbedding(cfg.head_dim, cfg.position_limit, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, fmt, tp, comm)
         self.layers = nn.ModuleList(
@@ -158,23 +160,35 @@ class LlamaForCausalLM(nn.Module):
     def _forward_fused(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], k: KernelAttention
     ) -> torch.Tensor:
-        """The same forward through the C++ kernels, two parallel regions per layer: each half of
-        a layer (norm -> qkv -> rotary + KV write -> attention -> o_proj; norm -> gate_up ->
-        silu * up -> down) is one call, and the residual add joins the next half's norm. The
-        row-parallel all-reduces stay here, between the calls: one after each half."""
+        """The same forward through the C++ kernels, one call and one parallel region per layer
+        (norm -> qkv -> rotary + KV write -> attention -> o_proj -> all-reduce -> norm -> gate_up ->
+        silu * up -> down -> all-reduce); the residual add joins the next norm.
+
+        The row-parallel all-reduces run inside that call, through the communicator's native
+        handle (the shared-memory one at TP > 1, none at TP = 1): a deliberate exception to the
+        visible collective of the torch path, named in one place, Kernels::layer_block. Where the
+        communicator has no native handle (gloo, NCCL) or a step outgrows its shared slot, the
+        layer is two calls with the all-reduces here, between them."""
         kernels = k.kernels
         cos, sin = self.layers[0].self_attn.rope.tables()
         x = self.embed_tokens(input_ids).contiguous()
         residual: torch.Tensor | None = None
         residual_bias: torch.Tensor | None = None
-        for f, (k_cache, v_cache) in zip(self._fused_layers(), kv_caches, strict=True):
-            y = kernels.attn_block(
+        fused, comm = self._fused_layers(), self._native_comm
+        one_call = comm is not None and (comm is _NO_COMM or x.numel() <= comm.capacity)
+        for f, (k_cache, v_cache) in zip(fused, kv_caches, strict=True):
+            attn = (
                 x, residual, residual_bias, *f.attn_norm, *f.qkv, *f.heads, positions, cos, sin, k.slots,
                 k_cache, v_cache, k.tables, k.row_seq, k.row_len, k.block_size, f.scale, *f.o,
             )  # fmt: skip
-            residual = f.o_comm.all_reduce(y)  # o_proj's one collective
-            y = kernels.mlp_block(x, residual, f.o_bias, *f.mlp_norm, *f.gate_up, *f.down)
-            residual = f.down_comm.all_reduce(y)  # down_proj's one collective
+            if one_call:
+                residual = kernels.layer_block(
+                    *attn, f.o_bias, *f.mlp_norm, *f.gate_up, *f.down, None if comm is _NO_COMM else comm
+                )
+            else:
+                residual = f.o_comm.all_reduce(kernels.attn_block(*attn))  # o_proj's one collective
+                y = kernels.mlp_block(x, residual, f.o_bias, *f.mlp_norm, *f.gate_up, *f.down)
+                residual = f.down_comm.all_reduce(y)  # down_proj's one collective
             residual_bias = f.down_bias
         return kernels.add_norm(x, residual, residual_bias, self.norm.weight, None, self.norm.eps)
 
@@ -183,6 +197,11 @@ class LlamaForCausalLM(nn.Module):
         modules' attributes cost ~1 ms of a 10 ms batch-1 step."""
         if self._fused is None:
             self._fused = [FusedLayer.of(layer) for layer in self.layers]
+            comm = self._fused[0].o_comm if self._fused else None
+            if comm is None or comm.world_size == 1:
+                self._native_comm = _NO_COMM
+            else:
+                self._native_comm = comm.native_all_reduce()
         return self._fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

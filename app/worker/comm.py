@@ -56,6 +56,11 @@ class Communicator(ABC):
     @abstractmethod
     def barrier(self) -> None: ...
 
+    def native_all_reduce(self) -> Any:
+        """A handle through which the C++ kernels run this communicator's all-reduce inside their
+        own call (app/kernels `layer_block`), or None: then the forward calls all_reduce itself."""
+        return None
+
     def close(self) -> None:
         """Release what this communicator owns (not the torch.distributed group)."""
         return None
@@ -160,6 +165,9 @@ class ShmCommunicator(DistCommunicator):
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self._shm.all_reduce(t)
+
+    def native_all_reduce(self) -> Any:
+        return self._shm.native()
 
     def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
         return self._shm.all_gather_last_dim(t)

@@ -18,6 +18,11 @@ round seq+2, and only after it has passed round seq+1's wait, i.e. after every r
 seq+1, which each did only after finishing its reads of round seq. So nobody reads a slot while
 it is rewritten, and no second "done reading" barrier is needed.
 
+The round number is not counted here but read from flag[rank] (only this rank writes it, and it
+holds the last round this rank published): the C++ kernels run rounds on the same segment from
+inside their decoder-layer call (`native()`, app/kernels/csrc/shm_allreduce.h: same layout, same
+rank-order fp32 sum, so the same bits), and the two sides must agree on the next round.
+
 Memory ordering: we rely on x86-64 TSO. Stores become visible to other cores in program order
 (payload before flag), loads are not reordered with older loads (flag before payload), and a
 store is not reordered before older loads (a rank's reads of round seq come before its flag of
@@ -158,8 +163,8 @@ class ShmAllReduce:
         self._others = [q for q in range(world_size) if q != rank]
         self._data = torch.from_numpy(self._np[self._data_off :])
         self._views: dict[tuple[torch.dtype, bool], _Backend] = {}
-        self._seq = self._lines[self._line[rank]]
         self._broken: str | None = None
+        self._native: Any = None
 
     @classmethod
     def create(cls, name: str, world_size: int, max_elems: int, timeout_s: float = 30.0) -> ShmAllReduce:
@@ -181,6 +186,21 @@ class ShmAllReduce:
         """Remove the name; mappings stay valid. Called once every rank has attached."""
         with _untracked():
             self._shm.unlink()
+
+    def native(self) -> Any:
+        """This segment as the C++ kernels drive it (`app.kernels._C.SharedAllReduce`), made once;
+        None without the extension. It holds no mapping of its own: close() detaches it first."""
+        if self._native is None:
+            from app.kernels import extension
+
+            ext = extension()
+            if ext is None or not hasattr(ext, "SharedAllReduce"):
+                return None
+            address = self._np.ctypes.data
+            self._native = ext.SharedAllReduce(
+                address, self._shm.size, self.rank, self.world_size, self.timeout_s, CommTimeout
+            )
+        return self._native
 
     def capacity(self, dtype: torch.dtype) -> int:
         return self._slot_bytes // dtype.itemsize
@@ -205,9 +225,9 @@ class ShmAllReduce:
     def _begin(self, count: int, rows: int) -> int:
         if self._broken is not None:
             raise CommTimeout(f"shared-memory communicator unusable after: {self._broken}")
-        seq = self._seq + 1
-        self._seq = seq
-        line, p = self._line[self.rank], seq & 1
+        line = self._line[self.rank]
+        seq = self._lines[line] + 1  # see "round number" above
+        p = seq & 1
         self._lines[line + 1 + p] = count
         self._lines[line + 3 + p] = rows
         return seq
@@ -304,6 +324,9 @@ class ShmAllReduce:
         """Drop every view, then unmap; safe to call twice."""
         if self._shm is None:
             return
+        if self._native is not None:
+            self._native.close()
+            self._native = None
         self._views.clear()
         self._lines.release()
         self._data = self._lines = self._np = None  # type: ignore[assignment]

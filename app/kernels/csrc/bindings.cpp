@@ -10,6 +10,7 @@
 #include <string>
 
 #include "kernel_args.h"
+#include "shm_allreduce.h"
 #include "thread_pool.h"
 
 namespace ss {
@@ -122,6 +123,44 @@ void check_pages(const at::Tensor& tables, const at::Tensor& row_seq, const at::
   }
 }
 
+// A rank's handle on the shared-memory all-reduce segment of app/worker/shm_allreduce.py (mapped
+// by that module, which owns it and detaches this handle before unmapping): what layer_block reduces
+// through. Its own all_reduce is the same collective on the calling thread, in place.
+class SharedAllReduce {
+ public:
+  SharedAllReduce(uint64_t address, int64_t size, int rank, int world, double timeout_s, py::object timeout_error)
+      : timeout_error_(std::move(timeout_error)) {
+    const std::string err = shm.attach(reinterpret_cast<void*>(address), size, rank, world, timeout_s);
+    TORCH_CHECK(err.empty(), "shared-memory all-reduce: ", err);
+  }
+
+  void all_reduce(at::Tensor& t) {
+    check(t, at::kFloat, t.dim(), "t");
+    TORCH_CHECK(shm.attached(), "the shared-memory all-reduce is closed");
+    std::string err;
+    {
+      py::gil_scoped_release nogil;
+      err = shm.all_reduce(t.data_ptr<float>(), t.numel());
+    }
+    if (!err.empty()) raise(err);
+  }
+
+  // exchange()'s errors as the Python side raises them: CommTimeout (the class it handed us) or
+  // ValueError. Called with the GIL held.
+  [[noreturn]] void raise(const std::string& err) const {
+    if (err.rfind("timeout: ", 0) == 0) {
+      PyErr_SetString(timeout_error_.ptr(), err.c_str() + 9);
+      throw py::error_already_set();
+    }
+    throw py::value_error(err.rfind("shape: ", 0) == 0 ? err.substr(7) : err);
+  }
+
+  ss::ShmAllReduce shm;
+
+ private:
+  py::object timeout_error_;
+};
+
 class Kernels {
  public:
   Kernels(const std::string& isa, int threads, int spin_us) : pool_(threads, spin_us) {
@@ -232,57 +271,16 @@ class Kernels {
                         const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& tables,
                         const at::Tensor& row_seq, const at::Tensor& row_len, int64_t block_size, double scale,
                         const at::Tensor& o_w, const c10::optional<at::Tensor>& o_scale) {
-    check(x, at::kFloat, 2, "x");
-    const int64_t M = x.size(0), H = x.size(1), W = (Hq + 2 * Hkv) * D;
-    ss::NormArgs norm = norm_args(x, residual, residual_bias, norm_w, eps);
-    ss::LinearArgs qkv = linear_args(qkv_w, qkv_scale, qkv_bias, H, "qkv");
-    TORCH_CHECK(qkv.N == W, "qkv weight has ", qkv.N, " outputs, heads need ", W);
-    ss::LinearArgs o = linear_args(o_w, o_scale, c10::nullopt, Hq * D, "o_proj");
-    check(positions, at::kLong, 1, "positions");
-    check(slots, at::kLong, 1, "slots");
-    check(cos, at::kFloat, 2, "cos");
-    check(sin, at::kFloat, 2, "sin");
-    TORCH_CHECK(positions.size(0) == M && slots.size(0) == M && cos.size(1) == D && sin.sizes() == cos.sizes(),
-                "rotary shapes disagree");
-    at::Tensor att = at::empty({M, Hq, D}, x.options()), partials;
-    ss::AttentionArgs attn = attention_args(nullptr, M, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len,
-                                            block_size, scale, att.data_ptr<float>(), partials);
-    check_slots(slots, k_cache.size(0) * block_size);
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    for (int64_t t = 0; t < M; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " past the rotary table");
-
-    auto f32 = x.options();
-    at::Tensor h = at::empty({M, H}, f32), qkv_out = at::empty({M, W}, f32), q = at::empty({M, Hq, D}, f32);
-    at::Tensor y = at::empty({M, o.N}, f32);
-    norm.y = h.data_ptr<float>();
-    qkv.x = norm.y, qkv.M = M, qkv.y = qkv_out.data_ptr<float>();
-    ss::RopeKvArgs rope{qkv.y, M, Hq, Hkv, D, pos, cos.data_ptr<float>(), sin.data_ptr<float>(), q.data_ptr<float>(),
-                        slots.data_ptr<int64_t>(), block_size, k_cache.data_ptr(), v_cache.data_ptr(), attn.kv_f16};
-    attn.q = rope.q_out;
-    o.x = attn.out, o.M = M, o.y = y.data_ptr<float>();
-    if (M == 0) return y;
-    at::Tensor qkv_xq, qkv_xd, o_xq, o_xd;
-    const bool qkv_q8 = int8_activations(qkv, qkv_xq, qkv_xd), o_q8 = int8_activations(o, o_xq, o_xd);
+    AttnHalf a = attn_half(x, residual, residual_bias, norm_w, eps, qkv_w, qkv_scale, qkv_bias, Hq, Hkv, D, positions,
+                           cos, sin, slots, k_cache, v_cache, tables, row_seq, row_len, block_size, scale, o_w,
+                           o_scale, nullptr);
+    if (a.norm.M == 0) return a.y;
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
-    ss::WorkQueue qkv_q = linear_queue(qkv), parts_q(M * Hkv * attn.max_parts, 1), merge_q(M * Hkv, 1);
-    ss::WorkQueue o_q = linear_queue(o);
-    pool_.run([&](int i) {
-      auto rows = share(M, i, T);
-      ops_->norm(norm, rows.first, rows.second);
-      if (qkv_q8) ops_->quantize(qkv, rows.first, rows.second);  // the rows this thread normalised
-      barrier.wait();
-      qkv_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(qkv, n0, n1); });
-      barrier.wait();
-      ops_->rope_kv(rope, rows.first, rows.second);
-      barrier.wait();
-      attention_phase(attn, parts_q, merge_q, barrier);
-      barrier.wait();
-      quantize_phase(o, o_q8, i, T, barrier);
-      o_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(o, n0, n1); });
-    });
-    return y;
+    AttnQueues q = attn_queues(a);
+    pool_.run([&](int i) { attn_phases(a, q, i, T, barrier); });
+    return a.y;
   }
 
   // The MLP half: [x += residual (+ bias)], h = RMSNorm(x), gu = h W^T (+ b), a = silu(gate) * up,
@@ -292,41 +290,83 @@ class Kernels {
                        const at::Tensor& gu_w, const c10::optional<at::Tensor>& gu_scale,
                        const c10::optional<at::Tensor>& gu_bias, const at::Tensor& down_w,
                        const c10::optional<at::Tensor>& down_scale) {
-    check(x, at::kFloat, 2, "x");
-    const int64_t M = x.size(0), H = x.size(1);
-    ss::NormArgs norm = norm_args(x, residual, residual_bias, norm_w, eps);
-    ss::LinearArgs gu = linear_args(gu_w, gu_scale, gu_bias, H, "gate_up");
-    TORCH_CHECK(gu.N % 2 == 0, "gate_up must have an even number of outputs");
-    const int64_t I = gu.N / 2;
-    ss::LinearArgs down = linear_args(down_w, down_scale, c10::nullopt, I, "down");
-    auto f32 = x.options();
-    at::Tensor h = at::empty({M, H}, f32), gu_out = at::empty({M, 2 * I}, f32), act = at::empty({M, I}, f32);
-    at::Tensor y = at::empty({M, down.N}, f32);
-    norm.y = h.data_ptr<float>();
-    gu.x = norm.y, gu.M = M, gu.y = gu_out.data_ptr<float>();
-    ss::SiluMulArgs silu{gu.y, M, I, act.data_ptr<float>()};
-    down.x = silu.out, down.M = M, down.y = y.data_ptr<float>();
-    if (M == 0) return y;
-    at::Tensor gu_xq, gu_xd, down_xq, down_xd;
-    const bool gu_q8 = int8_activations(gu, gu_xq, gu_xd), down_q8 = int8_activations(down, down_xq, down_xd);
+    MlpHalf m = mlp_half(x, residual, residual_bias, norm_w, eps, gu_w, gu_scale, gu_bias, down_w, down_scale, nullptr);
+    if (m.norm.M == 0) return m.y;
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
-    ss::WorkQueue gu_q = linear_queue(gu), down_q = linear_queue(down);
-    pool_.run([&](int i) {
-      auto rows = share(M, i, T);
-      ops_->norm(norm, rows.first, rows.second);
-      if (gu_q8) ops_->quantize(gu, rows.first, rows.second);
-      barrier.wait();
-      gu_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(gu, n0, n1); });
-      barrier.wait();
-      auto elems = share(M * I, i, T, 16);
-      ops_->silu_mul(silu, elems.first, elems.second);
-      barrier.wait();
-      quantize_phase(down, down_q8, i, T, barrier);
-      down_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(down, n0, n1); });
-    });
-    return y;
+    MlpQueues q = mlp_queues(m);
+    pool_.run([&](int i) { mlp_phases(m, q, i, T, barrier); });
+    return m.y;
+  }
+
+  // A whole decoder layer in one parallel region: the attention half, o_proj's all-reduce, the MLP
+  // half (whose residual is that sum plus o_bias), down_proj's all-reduce. Returns the down_proj sum:
+  // the next layer's residual (x has this layer's first residual added in place).
+  //
+  // The collectives of the kernel path are these two, named here and nowhere else (the torch path
+  // keeps STYLE.md's visible all_reduce after each row-parallel layer): `comm` is this rank's handle
+  // on the shared-memory segment (SharedAllReduce), None at TP=1. Each row-parallel linear writes
+  // its partial sums straight into this rank's slot of the round, thread 0 publishes and waits for
+  // the peers while the team waits at the barrier, then every thread sums its share of the elements
+  // in rank order.
+  at::Tensor layer_block(at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                         const c10::optional<at::Tensor>& residual_bias, const at::Tensor& norm_w, double eps,
+                         const at::Tensor& qkv_w, const c10::optional<at::Tensor>& qkv_scale,
+                         const c10::optional<at::Tensor>& qkv_bias, int64_t Hq, int64_t Hkv, int64_t D,
+                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& slots, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& tables,
+                         const at::Tensor& row_seq, const at::Tensor& row_len, int64_t block_size, double scale,
+                         const at::Tensor& o_w, const c10::optional<at::Tensor>& o_scale,
+                         const c10::optional<at::Tensor>& o_bias, const at::Tensor& mlp_norm_w, double mlp_eps,
+                         const at::Tensor& gu_w, const c10::optional<at::Tensor>& gu_scale,
+                         const c10::optional<at::Tensor>& gu_bias, const at::Tensor& down_w,
+                         const c10::optional<at::Tensor>& down_scale, SharedAllReduce* comm) {
+    check(x, at::kFloat, 2, "x");
+    const int64_t M = x.size(0), H = x.size(1), n = M * H;
+    ss::ShmAllReduce* ar = nullptr;
+    if (comm != nullptr) {
+      TORCH_CHECK(comm->shm.attached(), "the shared-memory all-reduce is closed");
+      TORCH_CHECK(n <= comm->shm.capacity(), "layer_block: ", n, " values exceed the shared slot of ",
+                  comm->shm.capacity(), " (reduce in rounds through the Python communicator)");
+      if (comm->shm.world() > 1) ar = &comm->shm;
+    }
+    const int64_t seq = ar ? ar->next_round() : 0;
+    AttnHalf a = attn_half(x, residual, residual_bias, norm_w, eps, qkv_w, qkv_scale, qkv_bias, Hq, Hkv, D, positions,
+                           cos, sin, slots, k_cache, v_cache, tables, row_seq, row_len, block_size, scale, o_w,
+                           o_scale, ar ? ar->slot(seq, ar->rank()) : nullptr);
+    TORCH_CHECK(a.o.N == H, "o_proj has ", a.o.N, " outputs for rows of ", H);
+    const at::Tensor attn_sum = ar ? at::empty({M, H}, x.options()) : a.y;
+    MlpHalf m = mlp_half(x, attn_sum, o_bias, mlp_norm_w, mlp_eps, gu_w, gu_scale, gu_bias, down_w, down_scale,
+                         ar ? ar->slot(seq + 1, ar->rank()) : nullptr);
+    TORCH_CHECK(m.down.N == H, "down_proj has ", m.down.N, " outputs for rows of ", H);
+    at::Tensor out = ar ? at::empty({M, H}, x.options()) : m.y;
+    std::string err;
+    {
+      py::gil_scoped_release nogil;
+      if (M == 0) {  // no work, but the peers still count two rounds
+        if (ar && (err = ar->exchange(seq, 0)).empty()) err = ar->exchange(seq + 1, 0);
+      } else {
+        const int T = pool_.threads();
+        ss::Barrier barrier(T);
+        AttnQueues aq = attn_queues(a);
+        MlpQueues mq = mlp_queues(m);
+        float* attn_out = attn_sum.data_ptr<float>();
+        float* layer_out = out.data_ptr<float>();
+        pool_.run([&](int i) {
+          attn_phases(a, aq, i, T, barrier);
+          if (ar == nullptr) {
+            barrier.wait();  // o_proj's outputs are split by column, the MLP's norm by row
+          } else if (!reduce_phase(*ar, seq, attn_out, n, i, T, barrier, err)) {
+            return;
+          }
+          mlp_phases(m, mq, i, T, barrier);
+          if (ar != nullptr) reduce_phase(*ar, seq + 1, layer_out, n, i, T, barrier, err);
+        });
+      }
+    }
+    if (!err.empty()) comm->raise(err);
+    return out;
   }
 
   // The final norm: [x += residual (+ bias)], then RMSNorm (bias None) or LayerNorm.
@@ -344,6 +384,156 @@ class Kernels {
   }
 
  private:
+  // A layer's attention half as the kernels take it, with every buffer it writes (kept alive here).
+  struct AttnHalf {
+    ss::NormArgs norm;
+    ss::LinearArgs qkv, o;
+    ss::RopeKvArgs rope;
+    ss::AttentionArgs attn;
+    bool qkv_q8 = false, o_q8 = false;
+    at::Tensor h, qkv_out, q, att, partials, y, qkv_xq, qkv_xd, o_xq, o_xd;
+  };
+  struct AttnQueues {
+    ss::WorkQueue qkv, parts, merge, o;
+  };
+
+  // o_proj writes to `y_out` when set (a shared-memory slot), else to a new tensor `y`.
+  AttnHalf attn_half(at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                     const c10::optional<at::Tensor>& residual_bias, const at::Tensor& norm_w, double eps,
+                     const at::Tensor& qkv_w, const c10::optional<at::Tensor>& qkv_scale,
+                     const c10::optional<at::Tensor>& qkv_bias, int64_t Hq, int64_t Hkv, int64_t D,
+                     const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& row_seq,
+                     const at::Tensor& row_len, int64_t block_size, double scale, const at::Tensor& o_w,
+                     const c10::optional<at::Tensor>& o_scale, float* y_out) const {
+    check(x, at::kFloat, 2, "x");
+    const int64_t M = x.size(0), H = x.size(1), W = (Hq + 2 * Hkv) * D;
+    AttnHalf a;
+    a.norm = norm_args(x, residual, residual_bias, norm_w, eps);
+    a.qkv = linear_args(qkv_w, qkv_scale, qkv_bias, H, "qkv");
+    TORCH_CHECK(a.qkv.N == W, "qkv weight has ", a.qkv.N, " outputs, heads need ", W);
+    a.o = linear_args(o_w, o_scale, c10::nullopt, Hq * D, "o_proj");
+    check(positions, at::kLong, 1, "positions");
+    check(slots, at::kLong, 1, "slots");
+    check(cos, at::kFloat, 2, "cos");
+    check(sin, at::kFloat, 2, "sin");
+    TORCH_CHECK(positions.size(0) == M && slots.size(0) == M && cos.size(1) == D && sin.sizes() == cos.sizes(),
+                "rotary shapes disagree");
+    a.att = at::empty({M, Hq, D}, x.options());
+    a.attn = attention_args(nullptr, M, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len, block_size, scale,
+                            a.att.data_ptr<float>(), a.partials);
+    check_slots(slots, k_cache.size(0) * block_size);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    for (int64_t t = 0; t < M; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " past the rotary table");
+
+    auto f32 = x.options();
+    a.h = at::empty({M, H}, f32), a.qkv_out = at::empty({M, W}, f32), a.q = at::empty({M, Hq, D}, f32);
+    if (y_out == nullptr) a.y = at::empty({M, a.o.N}, f32);
+    a.norm.y = a.h.data_ptr<float>();
+    a.qkv.x = a.norm.y, a.qkv.M = M, a.qkv.y = a.qkv_out.data_ptr<float>();
+    a.rope = ss::RopeKvArgs{a.qkv.y, M, Hq, Hkv, D, pos, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                            a.q.data_ptr<float>(), slots.data_ptr<int64_t>(), block_size, k_cache.data_ptr(),
+                            v_cache.data_ptr(), a.attn.kv_f16};
+    a.attn.q = a.rope.q_out;
+    a.o.x = a.attn.out, a.o.M = M, a.o.y = y_out != nullptr ? y_out : a.y.data_ptr<float>();
+    if (M == 0) return a;
+    a.qkv_q8 = int8_activations(a.qkv, a.qkv_xq, a.qkv_xd);
+    a.o_q8 = int8_activations(a.o, a.o_xq, a.o_xd);
+    return a;
+  }
+
+  AttnQueues attn_queues(const AttnHalf& a) const {
+    const int64_t parts = a.norm.M * a.attn.Hkv;
+    return AttnQueues{linear_queue(a.qkv), ss::WorkQueue(parts * a.attn.max_parts, 1), ss::WorkQueue(parts, 1),
+                      linear_queue(a.o)};
+  }
+
+  // Thread i's part of the attention half, inside a parallel region; ends without a barrier.
+  void attn_phases(const AttnHalf& a, AttnQueues& q, int i, int T, ss::Barrier& barrier) const {
+    auto rows = share(a.norm.M, i, T);
+    ops_->norm(a.norm, rows.first, rows.second);
+    if (a.qkv_q8) ops_->quantize(a.qkv, rows.first, rows.second);  // the rows this thread normalised
+    barrier.wait();
+    q.qkv.drain([&](int64_t n0, int64_t n1) { ops_->linear(a.qkv, n0, n1); });
+    barrier.wait();
+    ops_->rope_kv(a.rope, rows.first, rows.second);
+    barrier.wait();
+    attention_phase(a.attn, q.parts, q.merge, barrier);
+    barrier.wait();
+    quantize_phase(a.o, a.o_q8, i, T, barrier);
+    q.o.drain([&](int64_t n0, int64_t n1) { ops_->linear(a.o, n0, n1); });
+  }
+
+  struct MlpHalf {
+    ss::NormArgs norm;
+    ss::LinearArgs gu, down;
+    ss::SiluMulArgs silu;
+    bool gu_q8 = false, down_q8 = false;
+    at::Tensor h, gu_out, act, y, gu_xq, gu_xd, down_xq, down_xd;
+  };
+  struct MlpQueues {
+    ss::WorkQueue gu, down;
+  };
+
+  // down_proj writes to `y_out` when set (a shared-memory slot), else to a new tensor `y`.
+  MlpHalf mlp_half(at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                   const c10::optional<at::Tensor>& residual_bias, const at::Tensor& norm_w, double eps,
+                   const at::Tensor& gu_w, const c10::optional<at::Tensor>& gu_scale,
+                   const c10::optional<at::Tensor>& gu_bias, const at::Tensor& down_w,
+                   const c10::optional<at::Tensor>& down_scale, float* y_out) const {
+    check(x, at::kFloat, 2, "x");
+    const int64_t M = x.size(0), H = x.size(1);
+    MlpHalf m;
+    m.norm = norm_args(x, residual, residual_bias, norm_w, eps);
+    m.gu = linear_args(gu_w, gu_scale, gu_bias, H, "gate_up");
+    TORCH_CHECK(m.gu.N % 2 == 0, "gate_up must have an even number of outputs");
+    const int64_t I = m.gu.N / 2;
+    m.down = linear_args(down_w, down_scale, c10::nullopt, I, "down");
+    auto f32 = x.options();
+    m.h = at::empty({M, H}, f32), m.gu_out = at::empty({M, 2 * I}, f32), m.act = at::empty({M, I}, f32);
+    if (y_out == nullptr) m.y = at::empty({M, m.down.N}, f32);
+    m.norm.y = m.h.data_ptr<float>();
+    m.gu.x = m.norm.y, m.gu.M = M, m.gu.y = m.gu_out.data_ptr<float>();
+    m.silu = ss::SiluMulArgs{m.gu.y, M, I, m.act.data_ptr<float>()};
+    m.down.x = m.silu.out, m.down.M = M, m.down.y = y_out != nullptr ? y_out : m.y.data_ptr<float>();
+    if (M == 0) return m;
+    m.gu_q8 = int8_activations(m.gu, m.gu_xq, m.gu_xd);
+    m.down_q8 = int8_activations(m.down, m.down_xq, m.down_xd);
+    return m;
+  }
+
+  MlpQueues mlp_queues(const MlpHalf& m) const { return MlpQueues{linear_queue(m.gu), linear_queue(m.down)}; }
+
+  // Thread i's part of the MLP half, inside a parallel region; ends without a barrier.
+  void mlp_phases(const MlpHalf& m, MlpQueues& q, int i, int T, ss::Barrier& barrier) const {
+    auto rows = share(m.norm.M, i, T);
+    ops_->norm(m.norm, rows.first, rows.second);
+    if (m.gu_q8) ops_->quantize(m.gu, rows.first, rows.second);
+    barrier.wait();
+    q.gu.drain([&](int64_t n0, int64_t n1) { ops_->linear(m.gu, n0, n1); });
+    barrier.wait();
+    auto elems = share(m.norm.M * m.silu.I, i, T, 16);
+    ops_->silu_mul(m.silu, elems.first, elems.second);
+    barrier.wait();
+    quantize_phase(m.down, m.down_q8, i, T, barrier);
+    q.down.drain([&](int64_t n0, int64_t n1) { ops_->linear(m.down, n0, n1); });
+  }
+
+  // Inside a parallel region, once this rank's partial sums are (being) written to its slot of round
+  // `seq`: thread 0 runs the round while the others wait at the barrier, then each thread sums its
+  // share of the elements into out. False (the same for every thread) when the round failed.
+  static bool reduce_phase(ss::ShmAllReduce& ar, int64_t seq, float* out, int64_t n, int i, int T,
+                           ss::Barrier& barrier, std::string& err) {
+    barrier.wait();  // the payload is complete
+    if (i == 0) err = ar.exchange(seq, n);
+    barrier.wait();
+    if (!err.empty()) return false;
+    auto elems = share(n, i, T, 16);
+    ar.sum(seq, out, elems.first, elems.second);
+    barrier.wait();
+    return true;
+  }
+
   // A linear layer's outputs in whole tiles, about eight chunks per thread.
   ss::WorkQueue linear_queue(const ss::LinearArgs& a) const {
     const int64_t nr = ops_->linear_nr;
@@ -351,7 +541,7 @@ class Kernels {
   }
 
   ss::NormArgs norm_args(at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                         const c10::optional<at::Tensor>& residual_bias, const at::Tensor& w, double eps) {
+                         const c10::optional<at::Tensor>& residual_bias, const at::Tensor& w, double eps) const {
     const int64_t M = x.size(0), H = x.size(1);
     check(w, at::kFloat, 1, "norm weight");
     TORCH_CHECK(w.size(0) == H, "norm weight has ", w.size(0), " values for rows of ", H);
@@ -456,6 +646,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (f.avx2) isas.push_back("avx2");
     return isas;
   }, "ISA builds this CPU can run, best first");
+  py::class_<SharedAllReduce>(m, "SharedAllReduce")
+      .def(py::init<uint64_t, int64_t, int, int, double, py::object>(), py::arg("address"), py::arg("size"),
+           py::arg("rank"), py::arg("world_size"), py::arg("timeout_s"), py::arg("timeout_error"))
+      .def("all_reduce", &SharedAllReduce::all_reduce, py::arg("t"))
+      .def("close", [](SharedAllReduce& c) { c.shm.detach(); })
+      .def_property_readonly("capacity", [](const SharedAllReduce& c) { return c.shm.capacity(); });
   py::class_<Kernels>(m, "Kernels")
       .def(py::init<const std::string&, int, int>(), py::arg("isa"), py::arg("threads"), py::arg("spin_us") = 200)
       .def_property_readonly("isa", &Kernels::isa)
@@ -466,5 +662,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("kv_write", &Kernels::kv_write)
       .def("attn_block", &Kernels::attn_block)
       .def("mlp_block", &Kernels::mlp_block)
+      .def("layer_block", &Kernels::layer_block)
       .def("add_norm", &Kernels::add_norm);
 }
