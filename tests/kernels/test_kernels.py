@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from app.kernels import CpuKernels, KernelUnavailable, available_isas, describe, resolve
+from tests.support.layer import random_layer
 
 ISAS = available_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="KERNELS NOT BUILT: the C++ extension is missing")
@@ -298,3 +299,19 @@ def test_fused_mlp_block_equals_its_parts(kernels):
         xi = x_in[i : i + 1].clone()
         yi = kernels.mlp_block(xi, resid[i : i + 1].clone(), None, norm_w, 1e-5, gu, None, None, down, None)
         assert torch.equal(yi[0], y[i])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("rows", [4, 1, 0])
+def test_layer_block_equals_attn_block_then_mlp_block(kernels, dtype, rows):
+    """One call per layer (TP=1: no all-reduce) computes what the two halves compute, bit for bit:
+    the output, the residual added into x and the KV cache written."""
+    layer = random_layer(kernels, seed=11, dtype=dtype, rows=rows)
+    x, k_cache, v_cache = layer.fresh()
+    y = kernels.attn_block(*layer.attn_args(x, k_cache, v_cache))
+    want = kernels.mlp_block(x, y, layer.o_bias, *layer.mlp_consts)
+    x2, k2, v2 = layer.fresh()
+    got = kernels.layer_block(*layer.attn_args(x2, k2, v2), layer.o_bias, *layer.mlp_consts, None)
+    assert got.shape == (rows, layer.x.shape[1])
+    assert torch.equal(got, want) and torch.equal(x2, x)
+    assert torch.equal(k2, k_cache) and torch.equal(v2, v_cache)

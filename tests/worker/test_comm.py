@@ -242,3 +242,99 @@ def test_bench_allreduce_reports_both_backends() -> None:
     result = bench_allreduce(world_size=2, numel=576, iters=50)
     for kind in ("shm", "gloo"):
         assert 0 < result[kind]["median_us"] <= result[kind]["p90_us"]
+
+
+def _native_rank_main(rank: int, world: int, port: int, name: str, out_dir: str) -> None:
+    """The C++ side of the segment (app/kernels/csrc/shm_allreduce.h) beside the Python side."""
+    import torch.distributed as dist
+
+    from app.kernels import CpuKernels, available_isas
+    from tests.support.layer import random_layer
+
+    device = _join(rank, world, port)
+    comm = make_communicator(device, rank, world, shm_name=name, local=True, max_elems=MAX_ELEMS)
+    native = comm.native_all_reduce()
+    res: dict = {"capacity": (native.capacity, comm._shm.capacity(torch.float32))}
+    # Rounds alternate between the two sides, as the embedding (Python) and the layers (C++) do.
+    res["mixed"] = []
+    for k in range(40):
+        x = _input(rank, (LOOP_SIZES[k % 4],), 200 + k)
+        (native.all_reduce if k % 3 else comm.all_reduce)(x)
+        res["mixed"].append(x)
+    for i, shape in enumerate(SHAPES):  # (512, 576) is larger than a slot: several rounds
+        x = _input(rank, shape, i)
+        native.all_reduce(x)
+        res[f"native{shape}"] = x
+    # A layer through layer_block (both all-reduces inside) against the same layer as two calls with
+    # the Python all-reduce between them; each rank holds its own weights, as shards do.
+    kernels = CpuKernels(available_isas()[0], threads=2)
+    for dtype in ("fp32", "int8"):
+        for rows in (4, 1, 0):
+            layer = random_layer(kernels, seed=100 + rank, dtype=dtype, rows=rows)
+            x, k_cache, v_cache = layer.fresh()
+            y = comm.all_reduce(kernels.attn_block(*layer.attn_args(x, k_cache, v_cache)))
+            want = comm.all_reduce(kernels.mlp_block(x, y, layer.o_bias, *layer.mlp_consts))
+            x2, k2, v2 = layer.fresh()
+            got = kernels.layer_block(*layer.attn_args(x2, k2, v2), layer.o_bias, *layer.mlp_consts, native)
+            res[f"fused {dtype} {rows}"] = (torch.equal(got, want), torch.equal(x2, x), got)
+    try:  # the ranks disagree on the size: every rank raises, none hangs
+        native.all_reduce(torch.ones(3 + rank))
+        res["mismatch"] = "no error"
+    except ValueError as e:
+        res["mismatch"] = str(e)
+    comm.close()
+    comm.barrier()
+
+    # A peer that never arrives: only rank 0 enters, through the C++ all-reduce and through a layer.
+    for what in ("all_reduce", "layer_block"):
+        late = make_communicator(
+            device, rank, world, shm_name=f"{name}-{what}", local=True, max_elems=4096, timeout_s=0.5
+        )
+        if rank == 0:
+            handle = late.native_all_reduce()
+            layer = random_layer(kernels, seed=1)
+            x, k_cache, v_cache = layer.fresh()
+            start = time.monotonic()
+            try:
+                if what == "all_reduce":
+                    handle.all_reduce(torch.ones(4))
+                else:
+                    kernels.layer_block(
+                        *layer.attn_args(x, k_cache, v_cache), layer.o_bias, *layer.mlp_consts, handle
+                    )
+                res[what] = None
+            except CommTimeout:
+                res[what] = time.monotonic() - start
+            try:
+                handle.all_reduce(torch.ones(4))
+                res[f"{what} after"] = "no error"
+            except CommTimeout as e:
+                res[f"{what} after"] = str(e)
+        late.barrier()
+        late.close()
+    torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not __import__("app.kernels").kernels.available_isas(), reason="KERNELS NOT BUILT")
+@pytest.mark.parametrize("world", [2, 3])
+def test_native_all_reduce_is_the_python_one_bit_for_bit(world: int, tmp_path: Path) -> None:
+    name = _shm_name()
+    mp.spawn(_native_rank_main, args=(world, _free_port(), name, str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for rank, res in enumerate(results):
+        assert res["capacity"][0] == res["capacity"][1] >= MAX_ELEMS
+        for k, got in enumerate(res["mixed"]):
+            assert torch.equal(got, _ordered_sum(world, (LOOP_SIZES[k % 4],), 200 + k)), (rank, k)
+        for i, shape in enumerate(SHAPES):
+            assert torch.equal(res[f"native{shape}"], _ordered_sum(world, shape, i)), (rank, shape)
+        for key in [k for k in res if k.startswith("fused ")]:
+            equal, x_equal, got = res[key]
+            assert equal and x_equal, (rank, key)
+            assert torch.equal(got, results[0][key][2])  # and the same bits on every rank
+        assert "numel differs across ranks" in res["mismatch"]
+    first = results[0]
+    for what in ("all_reduce", "layer_block"):
+        assert 0.5 <= first[what] < 3.0, (what, first[what])
+        assert "unusable after" in first[f"{what} after"]
+    assert not _shm_path(name).exists()
