@@ -198,6 +198,8 @@ class LlamaForCausalLM(nn.Module):
         if self._fused is None:
             self._fused = [FusedLayer.of(layer) for layer in self.layers]
             comm = self._fused[0].o_comm if self._fused else None
+            # layer_block reduces both halves through one handle: the model has one communicator
+            assert all(f.o_comm is comm and f.down_comm is comm for f in self._fused)
             if comm is None or comm.world_size == 1:
                 self._native_comm = _NO_COMM
             else:
