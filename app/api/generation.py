@@ -52,6 +52,9 @@ class Prepared:
     stream: bool
     include_usage: bool
     tool_parser: str | None = None  # chat with tools offered: the format tool calls are read back from
+    show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
+    # completions' echo with logprobs: each prompt's first token (its logprobs are null); else empty
+    prompt_heads: tuple[str, ...] = ()
 
     @property
     def num_choices(self) -> int:
@@ -108,9 +111,12 @@ def _prepare(
         rid = response_id if len(prompts) == 1 else f"{response_id}-{i}"
         requests.append(GenerateRequest(rid, tuple(ids), params, now, body.priority, deadline, spec))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    echo_logprobs = isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
+    heads = tuple(tok.token_text(ids[0]) for ids in prompts) if echo_logprobs else ()  # ids checked above
     return Prepared(
         kind, response_id, runtime.model_name, int(time.time()), tuple(requests), tuple(echo),
         body.n, base.logprobs is not None, body.stream, include_usage, tool_parser,
+        body.prompt_logprobs is not None, heads,
     )  # fmt: skip
 
 
@@ -336,16 +342,19 @@ async def collect(
 ) -> r.ChatCompletionResponse | r.CompletionResponse:
     texts: list[list[str]] = [[prep.echo[i // prep.n]] for i in range(prep.num_choices)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(prep.num_choices)]
+    scored: list[tuple[TokenLogprob, ...]] = [() for _ in range(prep.num_choices)]  # prompt tokens 1..
     ends: list[RequestOutput | None] = [None] * prep.num_choices
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
             texts[i].append(out.text)
             logprobs[i].extend(out.logprobs)
+            scored[i] = out.prompt_logprobs or scored[i]
             if out.finish_reason is not None:
                 ends[i] = out
     usage = tally.usage()
     common: dict[str, Any] = {"id": prep.response_id, "created": prep.created, "model": prep.model}
+    shown = [r.prompt_logprobs(s) if prep.show_prompt_logprobs else None for s in scored]
     if prep.kind == "chat":
         return r.ChatCompletionResponse(
             **common,
@@ -354,6 +363,7 @@ async def collect(
                 _chat_choice(prep, i, "".join(texts[i]), logprobs[i], ends[i])
                 for i in range(prep.num_choices)
             ],
+            prompt_logprobs=shown[0],
         )
     return r.CompletionResponse(
         **common,
@@ -362,13 +372,24 @@ async def collect(
             r.CompletionChoice(
                 index=i,
                 text="".join(texts[i]),
-                logprobs=r.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
+                logprobs=_completion_logprobs(prep, i, scored[i], logprobs[i], len(texts[i][0])),
                 finish_reason=ends[i].finish_reason.value if ends[i] else None,  # type: ignore[union-attr]
                 error=_choice_error(ends[i]),
+                prompt_logprobs=shown[i],
             )
             for i in range(prep.num_choices)
         ],
     )
+
+
+def _completion_logprobs(
+    prep: Prepared, i: int, scored: Sequence[TokenLogprob], logprobs: list[TokenLogprob], echo_len: int
+) -> r.CompletionLogprobs | None:
+    if not prep.logprobs:
+        return None
+    if prep.prompt_heads:  # echo: the prompt's tokens first, from offset 0
+        return r.completion_logprobs([*scored, *logprobs], 0, prep.prompt_heads[i // prep.n])
+    return r.completion_logprobs(logprobs, echo_len)
 
 
 def _tool_parser(prep: Prepared) -> ToolCallParser | None:

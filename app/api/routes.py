@@ -31,6 +31,7 @@ from app.api.deps import (
     ClientDep,
     RecordDep,
     RuntimeDep,
+    ServerState,
     StateDep,
     given_up,
 )
@@ -61,6 +62,11 @@ public = APIRouter()
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.__pydantic_serializer__.to_json(model), status_code, media_type="application/json")
+
+
+def _received(body: BaseModel, state: ServerState, record: AccessRecord) -> None:
+    """Every parsed request body passes here: its unknown fields are logged and named in a header."""
+    record.ignored_fields = state.ignored_fields.note(body)
 
 
 def _check_model(requested: str | None, runtime: Runtime) -> None:
@@ -171,7 +177,9 @@ async def chat_completions(
     client: ClientDep,
     admission: AdmissionDep,
     record: RecordDep,
+    state: StateDep,
 ) -> Response:
+    _received(body, state, record)
     _check_model(body.model, runtime)
     prep = await _prepare(prepare_chat, body, request, runtime)
     return await _generate(prep, request, runtime, client, admission, record)
@@ -185,7 +193,9 @@ async def completions(
     client: ClientDep,
     admission: AdmissionDep,
     record: RecordDep,
+    state: StateDep,
 ) -> Response:
+    _received(body, state, record)
     _check_model(body.model, runtime)
     prep = await _prepare(prepare_completion, body, request, runtime)
     return await _generate(prep, request, runtime, client, admission, record)
@@ -201,7 +211,10 @@ async def list_models(runtime: RuntimeDep) -> Response:
 
 
 @api.post("/tokenize", response_model=r.TokenizeResponse)
-async def tokenize(body: p.TokenizeRequest, runtime: RuntimeDep) -> Response:
+async def tokenize(
+    body: p.TokenizeRequest, runtime: RuntimeDep, record: RecordDep, state: StateDep
+) -> Response:
+    _received(body, state, record)
     _check_model(body.model, runtime)
     tok = runtime.tokenizer
     if body.messages is not None:
@@ -224,7 +237,10 @@ async def tokenize(body: p.TokenizeRequest, runtime: RuntimeDep) -> Response:
 
 
 @api.post("/detokenize", response_model=r.DetokenizeResponse)
-async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response:
+async def detokenize(
+    body: p.DetokenizeRequest, runtime: RuntimeDep, record: RecordDep, state: StateDep
+) -> Response:
+    _received(body, state, record)
     _check_model(body.model, runtime)
     tok = runtime.tokenizer
     vocab = min(tok.vocab_size, runtime.config.vocab_size)
@@ -234,6 +250,14 @@ async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response
             param="tokens",
         )
     return _json(r.DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False)))
+
+
+@api.get("/tokenizer_info")
+async def tokenizer_info(runtime: RuntimeDep) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: the tokenizer's configuration as tokenizer_config.json holds it (the
+    special tokens, the chat template, ...) and its class; lm-evaluation-harness's remote tokenizer
+    reads it."""
+    return runtime.tokenizer.config_info(runtime.max_model_len)
 
 
 # ---- probes, metrics, the playground -----------------------------------------------------------

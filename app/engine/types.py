@@ -44,6 +44,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra end ids besides the model's
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled one plus k top alternatives
+    # None: none; k >= 0: every prompt token's logprob (from the first on) plus k top alternatives.
+    # Such a prompt is computed whole, never taken from the prefix cache: skipped blocks have no logits.
+    prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -101,6 +104,9 @@ class SeqChunk:
     block_table: tuple[int, ...]  # KV blocks covering positions [0, start_pos + len(token_ids))
     sample: bool  # sample a token after this chunk (False for all but the last prefill chunk)
     num_output_tokens: int = 0  # tokens generated so far: the seeded generator's step index
+    # The first this many rows score the prompt token after them (prompt_logprobs): every rank computes
+    # their logits (the LM head is a collective), rank 0 answers with a PromptLogprobs.
+    prompt_logprob_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,12 +141,32 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """A prompt token under the model's raw distribution at the position before it."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + how many tokens are strictly more likely (vLLM's rank)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the k most likely (id, logprob)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Prompt tokens scored by one chunk: the tokens at positions first_pos, first_pos + 1, ..."""
+
+    seq_id: int
+    first_pos: int  # >= 1: the first prompt token has nothing before it to be scored by
+    tokens: tuple[ScoredToken, ...]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """Rank 0's answer to a StepPlan: one token for every chunk with sample=True."""
 
     step_id: int
     tokens: tuple[SampledToken, ...]
     error: str | None = None  # a rank failed this step; every sequence in it ends with ERROR
+    prompt_logprobs: tuple[PromptLogprobs, ...] = ()  # one for every chunk with prompt_logprob_rows
 
 
 # ---- engine -> API -----------------------------------------------------------------------
@@ -149,9 +175,12 @@ class StepOutput:
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
-    token: str  # the token's text (bytes shown as in OpenAI's API when not valid UTF-8)
+    token: str  # the token's text (U+FFFD where it holds part of a character, as vLLM)
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob)
+    bytes: bytes = b""  # the token's own bytes, also when they are part of a character
+    top_bytes: tuple[bytes, ...] = ()  # the same for each of top
+    rank: int | None = None  # prompt tokens: 1 + how many tokens were strictly more likely
 
 
 @dataclass(frozen=True)
@@ -172,6 +201,9 @@ class RequestOutput:
     # answers, the choice says finish_reason "error". Otherwise ERROR fails the whole request.
     choice_error: bool = False
     queue_time: float | None = None  # on a choice's first token: arrival to its first scheduled step
+    # On a choice's first output, with sampling.prompt_logprobs: prompt tokens 1.. scored (token 0 has
+    # nothing before it); None otherwise.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
