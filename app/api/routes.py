@@ -1,9 +1,9 @@
 """The endpoints: thin adapters between HTTP and app/api/generation.py.
 
-/v1/*, /tokenize and /detokenize sit behind the API key; /health, /ready, /metrics, /version, the
-playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for probes,
-Prometheus and browsers. Routes we do not serve fall through
-to the router's 404, which errors.py words as OpenAI does."""
+/v1/*, /tokenize, /detokenize and /tokenizer_info sit behind the API key; /health, /ready, /metrics,
+/version, the playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for
+probes, Prometheus and browsers. Routes we do not serve fall through to the router's 404, which
+errors.py words as OpenAI does. Every parsed body's unknown fields are named (app/api/ignored.py)."""
 
 from __future__ import annotations
 
