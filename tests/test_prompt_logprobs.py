@@ -245,5 +245,13 @@ def test_unknown_fields_are_named_in_a_header_and_logged_once(server, caplog) ->
             server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=30
         ).headers
     )
+    odd = httpx.post(
+        server.url + "/tokenize", json={"prompt": "Hi", "na\u00efve\r\nX-Evil: 1": 1}, timeout=30
+    )
+    assert odd.headers["x-shardserve-ignored-fields"] == "na\\u00efve\\r\\nX-Evil: 1"  # escaped: one header
+    assert "x-evil" not in odd.headers
     warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
-    assert warned == ["The following fields were present in the request but ignored: max_token, temprature"]
+    assert warned == [
+        "The following fields were present in the request but ignored: max_token, temprature",
+        "The following fields were present in the request but ignored: na\\u00efve\\r\\nX-Evil: 1",
+    ]
