@@ -28,7 +28,7 @@ model: install
 serve: model
 	$(VENV)/bin/shardserve serve
 
-# tests/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
+# tests/deploy/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
 # kubernetes-validate come with the dev extras, docker-compose and promtool (package prometheus)
 # from Debian. --no-install-recommends keeps the Docker engine and node-exporter out. Failing
 # here is not fatal: those tests then skip, saying which tool is missing.
@@ -36,7 +36,7 @@ deploy-tools: install
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 	    docker-compose prometheus) || \
-	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/test_deploy.py will skip"
+	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/deploy/test_deploy.py will skip"
 
 test: model deploy-tools
 	$(VENV)/bin/pytest
@@ -50,13 +50,13 @@ test-slow: model
 # with 300 idle and half-open loopback connections held beside it after the first minute.
 SOAK_MINUTES ?= 10
 soak: model
-	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/test_robustness.py -k "clients or storm"
-	$(PY) -m tests.soak --minutes $(SOAK_MINUTES)
+	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/e2e/test_robustness.py -k "clients or storm"
+	$(PY) -m tests.support.soak --minutes $(SOAK_MINUTES)
 
 # make fuzz [FUZZ_EXAMPLES=500]: schemathesis cases per API operation (make test runs 100).
 FUZZ_EXAMPLES ?= 500
 fuzz: model
-	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/test_api_fuzz.py
+	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/e2e/test_api_fuzz.py
 
 # make bench [PEERS=all|llama|vllm|naive|none] [QUICK=1]: kernels, engine, then the serve workloads
 # against shardserve and each peer (set up once in its own venv under .bench/), written into

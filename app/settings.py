@@ -12,8 +12,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.model.registry import describe_families  # torch-free: classes are imported on first use
-
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -29,7 +27,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home, description="model cache directory")
     model: str = Field(
         DEFAULT_MODEL,
-        description=f"built-in name, .gguf file or Hugging Face directory; families: {describe_families()}",
+        description="built-in name, .gguf file or Hugging Face directory",
     )
     served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
     dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
