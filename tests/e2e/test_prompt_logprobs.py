@@ -238,6 +238,9 @@ def test_unknown_fields_are_named_in_a_header_and_logged_once(server, caplog) ->
         bad = httpx.post(server.url + "/v1/completions", json={**body, "n": 99, "x\n\u00e9": 1}, timeout=30)
     assert first.status_code == again.status_code == 200 and bad.status_code == 400
     assert first.headers["x-shardserve-ignored-fields"] == "max_token, temprature"
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as s:
+        assert s.headers["x-shardserve-ignored-fields"] == "max_token, temprature"  # streams say it too
+        assert list(s.iter_lines())[-2] == "data: [DONE]"
     assert again.headers["x-shardserve-ignored-fields"] == "max_token, temprature"
     assert (
         "x-shardserve-ignored-fields"
