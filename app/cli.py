@@ -18,7 +18,8 @@ from app.engine.engine import ExecutorFailure
 from app.settings import Settings
 
 # Settings fields each subcommand takes (serve takes all of them).
-_MODEL_FIELDS = ("home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
+_HUB_FIELDS = ("revision", "hf_token", "download_dir")
+_MODEL_FIELDS = (*_HUB_FIELDS, "home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
                  "kv_cache_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens", "log_level")  # fmt: skip
 
 
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rank-offset", type=int, required=True, help="first rank run here (rank 0 is the leader's)"
     )
-    _add_settings_options(p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home"))
+    _add_settings_options(
+        p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home", *_HUB_FIELDS)
+    )
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     _add_settings_options(p)
@@ -102,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_options(
-        p, ("home", "model", "device", "kernels", "max_model_len", "max_num_seqs", "block_size")
+        p, ("home", "model", "device", "kernels", "max_model_len", "max_num_seqs", "block_size", *_HUB_FIELDS)
     )
 
     p = sub.add_parser(
@@ -146,7 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("--dist-init is required: the leader's rendezvous address tcp://HOST:PORT")
             n = settings.local_ranks or settings.tp - ns.rank_offset
             # this machine's copy of the model (a built-in name resolves in its own cache)
-            model = ensure_model(settings.model, settings.home) if "model" in vars(ns) else None
+            model = (
+                ensure_model(settings.model, settings.home, hub=settings.hub_options())
+                if "model" in vars(ns)
+                else None
+            )
             return run_remote_ranks(
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )

@@ -106,7 +106,7 @@ def _dtypes(asked: list[str] | None, settings: Settings, device: Device) -> tupl
 
 
 def inspect_command(settings: Settings, ns: argparse.Namespace) -> int:
-    path = resolve_model(settings.model, settings.home)
+    path = resolve_model(settings.model, settings.home, settings.hub_options())
     device = Device.resolve(settings.device)
     dtypes, served = _dtypes(getattr(ns, "dtypes", None), settings, device)
     kernels_on = device.kind == "cpu" and resolve_kernels(settings.kernels) != "torch"

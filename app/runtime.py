@@ -5,6 +5,7 @@ Shared by `serve`, `generate` and `bench engine`, so all three run the same code
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from app.kernels import resolve as resolve_kernels
 from app.metrics import Metrics
 from app.model.config import ModelConfig
 from app.model.errors import reading_model
+from app.model.hub import HubModelError
 from app.model.loader import read_config
 from app.model.memory import KV_BYTES, kv_blocks_for_budget, kv_cache_dtype
 from app.model.registry_names import BUILTIN_MODELS, ensure_model, is_cached, resolve_model
@@ -178,18 +180,24 @@ def serving_limits(settings: Settings, config: ModelConfig, device: Device) -> t
 def check_before_load(settings: Settings) -> None:
     """What `serve` can refuse before it spawns anything: the model's metadata (a GGUF header, a
     config.json) and the limits derived from it. A built-in model not yet downloaded is checked
-    only after the download, by build_runtime."""
+    only after the download, by build_runtime, and so is a hub id not yet in the cache."""
     name = settings.model.strip().lower()
     if name in BUILTIN_MODELS and not is_cached(name, settings.home):
         return
-    model_path = resolve_model(settings.model, settings.home)
+    try:
+        model_path = resolve_model(settings.model, settings.home, settings.hub_options())
+    except HubModelError:
+        return  # a hub id not cached yet: fetched, then checked, by build_runtime
     serving_limits(settings, read_config(model_path), Device.resolve(settings.device))
 
 
 def read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer]:
-    """The model's file (downloaded if it is a built-in name not yet cached), config and tokenizer;
+    """The model's file (downloaded if it is a built-in name or hub id not yet cached), config and tokenizer;
     every failure is one ModelLoadError or TokenizerError naming the file."""
-    model_path = ensure_model(settings.model, settings.home)
+    progress = sys.stderr.isatty()  # bars only for a person watching, never into a log file
+    model_path = ensure_model(
+        settings.model, settings.home, progress=progress, hub=settings.hub_options(progress)
+    )
     config = read_config(model_path)
     with reading_model(model_path, TokenizerError):  # a corrupt tokenizer surfaces in the tokenizers library
         tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
@@ -241,7 +249,7 @@ def build_runtime(
         max_model_len=max_model_len,
         block_size=settings.block_size,
     )
-    name = settings.served_model_name or (settings.model if "/" not in settings.model else model_path.stem)
+    name = settings.served_name
     grammars = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
     runtime = Runtime(
         settings,

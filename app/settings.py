@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.model.hub import HubOptions, is_hub_id  # torch-free, as is the registry
 from app.model.registry import describe_families  # torch-free: classes are imported on first use
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
@@ -29,7 +30,15 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home, description="model cache directory")
     model: str = Field(
         DEFAULT_MODEL,
-        description=f"built-in name, .gguf file or Hugging Face directory; families: {describe_families()}",
+        description="built-in name, .gguf file, Hugging Face directory or hub id (org/name); "
+        f"families: {describe_families()}",
+    )
+    revision: str | None = Field(None, description="hub model: branch, tag or commit (default main)")
+    hf_token: str | None = Field(
+        None, description="hub model: access token (default: HF_TOKEN or the saved `hf auth login`)"
+    )
+    download_dir: Path | None = Field(
+        None, description="hub model: cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)"
     )
     served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
     dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
@@ -94,6 +103,20 @@ class Settings(BaseSettings):
         description="CPU compute path: our C++ kernels (auto = the best ISA build this CPU runs) "
         "or the torch reference path",
     )
+
+    @property
+    def served_name(self) -> str:
+        """The model's id in the API and in every metric's model_name label: --served-model-name,
+        else a built-in name or hub id as given, else the file or directory's stem."""
+        if self.served_model_name:
+            return self.served_model_name
+        spec = self.model
+        if "/" not in spec or (is_hub_id(spec.strip()) and not Path(spec).expanduser().exists()):
+            return spec.strip()
+        return Path(spec).expanduser().stem
+
+    def hub_options(self, progress: bool = True) -> HubOptions:
+        return HubOptions(self.revision, self.hf_token, self.download_dir, progress)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

