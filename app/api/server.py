@@ -34,6 +34,7 @@ from app.api.routes import api, public
 from app.engine.client import EngineClient
 from app.engine.engine import ExecutorFailure
 from app.engine.types import RequestOutput
+from app.metrics import Metrics
 from app.model.errors import ModelLoadError
 from app.runtime import Runtime, build_runtime, check_before_load
 from app.settings import Settings
@@ -55,6 +56,7 @@ def create_app(
             max_queued_tokens=settings.max_queued_tokens,
         ),
         api_keys=tuple(k.encode() for k in settings.api_key),
+        metrics=Metrics(settings.served_name),
     )
 
     @contextlib.asynccontextmanager
@@ -125,6 +127,7 @@ def _attach(
         metrics.bind_engine(runtime.engine.stats)
         runtime.metrics = metrics  # pool restarts and rank gauges
         runtime.report_ranks(runtime.ready)
+    metrics.model_name = runtime.model_name  # the label of every series: the id /v1/models lists
     metrics.model_info.info(
         {"model": runtime.model_name, "architecture": runtime.config.architecture, "dtype": runtime.dtype,
          "tp": str(state.settings.tp), "max_model_len": str(runtime.max_model_len)}
