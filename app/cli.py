@@ -1,7 +1,8 @@
 """`shardserve` (and `python -m app`): download, generate, serve, inspect, bench.
 
 Options come from the Settings fields, so every flag has its SHARDSERVE_<NAME> twin and one
-description; flags given on the command line override the environment."""
+description; flags given on the command line override the environment. vLLM's command line
+(positional model, its spellings, --config, its flags we ignore or refuse) is app/vllm_flags.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from pydantic import ValidationError
 
 from app.bench import TARGETS
 from app.engine.engine import ExecutorFailure
-from app.settings import Settings
+from app.settings import DTYPE_ALIASES, Settings
+from app.vllm_flags import (
+    CONFIG_MODEL,
+    FLAG_ALIASES,
+    GROUP_HELP,
+    HELP_GROUPS,
+    add_foreign_flags,
+    check_foreign_flags,
+    expand_config,
+)
 
 # Settings fields each subcommand takes (serve takes all of them).
 _HUB_FIELDS = ("revision", "hf_token", "download_dir")
@@ -24,31 +34,48 @@ _MODEL_FIELDS = (*_HUB_FIELDS, "home", "model", "dtype", "tp", "device", "kernel
 
 
 def _add_settings_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    for name, field in Settings.model_fields.items():
-        if names is not None and name not in names:
-            continue
-        flag = "--" + name.replace("_", "-")
-        env = f"SHARDSERVE_{name.upper()}"
-        help_text = f"{field.description or name} [env {env}]"
-        ann = field.annotation
-        origin = typing.get_origin(ann)
-        args = typing.get_args(ann)
-        if ann is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-        elif origin is list or (args and typing.get_origin(args[0]) is list):
-            parser.add_argument(
-                flag, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
-            )
-        elif origin is typing.Literal:
-            parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+    """One flag per Settings field (all of them, or `names`), in vLLM's help groups."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for title, fields in HELP_GROUPS.items():
+        for name in fields:
+            if names is not None and name not in names:
+                continue
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title, GROUP_HELP[title])
+            _add_option(groups[title], name)
+
+
+def _add_option(group: argparse._ArgumentGroup, name: str) -> None:
+    field = Settings.model_fields[name]
+    flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
+    help_text = f"{field.description or name} [env SHARDSERVE_{name.upper()}]"
+    ann = field.annotation
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if ann is bool:
+        group.add_argument(
+            *flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
+    elif origin is list or (args and typing.get_origin(args[0]) is list):
+        group.add_argument(
+            *flags, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
+        )
+    elif origin is typing.Literal:
+        choices = (*args, *(DTYPE_ALIASES if name == "dtype" else ()))
+        group.add_argument(*flags, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    else:
+        group.add_argument(*flags, default=argparse.SUPPRESS, help=help_text)
 
 
 def _settings(ns: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+    positional = getattr(ns, "model_tag", None)
+    if positional is not None:  # `serve MODEL`, as vLLM's
+        if overrides.get("model", positional) != positional:
+            raise ValueError(f"two models given: {positional} (positional) and --model {overrides['model']}")
+        overrides["model"] = positional
+    elif getattr(ns, "config_model", None) is not None:  # the command line wins over --config's file
+        overrides.setdefault("model", ns.config_model)
     return Settings(**overrides)
 
 
@@ -79,8 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home", *_HUB_FIELDS)
     )
 
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API", usage="shardserve serve [MODEL] [options]"
+    )
+    p.add_argument(
+        "model_tag", nargs="?", metavar="MODEL", help="the model, as vLLM takes it (same as --model)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="flags from a YAML file (keys are flag names; the command line wins)",
+    )
+    p.add_argument(CONFIG_MODEL, help=argparse.SUPPRESS)
     _add_settings_options(p)
+    add_foreign_flags(p)
 
     p = sub.add_parser("inspect", help="what a model costs in memory, from its metadata alone")
     p.add_argument(
@@ -118,18 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
     try:
+        bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
+        ns = parser.parse_args(expand_config(sys.argv[1:] if argv is None else argv, bools))
         settings = _settings(ns)
+        warnings = check_foreign_flags(ns, settings.model, settings.revision)
     except ValidationError as e:
         err = e.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
         where = "--" + str(err["loc"][0]).replace("_", "-") + ": " if err["loc"] else ""
         print(f"shardserve: error: {where}{msg}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        print(f"shardserve: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for line in warnings:
+        logging.getLogger("shardserve").warning(line)
     try:
         if ns.command == "download":
             from app.model.download import download_model

@@ -21,10 +21,11 @@ from app.kernels import resolve as resolve_kernels
 from app.metrics import Metrics
 from app.model.config import ModelConfig
 from app.model.errors import reading_model
+from app.model.generation_config import sampling_defaults
 from app.model.hub import HubModelError
 from app.model.loader import read_config
 from app.model.memory import KV_BYTES, kv_blocks_for_budget, kv_cache_dtype
-from app.model.registry_names import BUILTIN_MODELS, ensure_model, is_cached, resolve_model
+from app.model.registry_names import BUILTIN_MODELS, builtin_entry, ensure_model, is_cached, resolve_model
 from app.settings import Settings
 from app.tokenizer import Tokenizer, TokenizerError
 from app.worker.pool import PoolConfig, RankFailure, WorkerPool
@@ -72,13 +73,18 @@ class Runtime:
         self.ranks = self.pool.start()
         for r in self.ranks:
             log.info(
-                "rank %d: weight arena %.1f MiB, KV cache %.1f MiB, loaded in %.2fs, peak RSS %.0f MiB",
-                r.rank, r.weight_bytes / 2**20, r.kv_cache_bytes / 2**20, r.load_seconds, r.peak_rss_bytes / 2**20,
+                "rank %d: weight arena %.1f MiB, KV cache %.1f MiB (%s resident), loaded in %.2fs, peak RSS %.0f MiB",
+                r.rank, r.weight_bytes / 2**20, r.kv_cache_bytes / 2**20, _mib(r.kv_cache_resident_bytes),
+                r.load_seconds, r.peak_rss_bytes / 2**20,
             )  # fmt: skip
+        reserved = sum(r.kv_cache_bytes for r in self.ranks)
+        resident = [r.kv_cache_resident_bytes for r in self.ranks]
         log.info(
-            "model %s (%s, tp %d): KV cache %d blocks x %d tokens = %d tokens, context %d",
+            "model %s (%s, tp %d): KV cache %d blocks x %d tokens = %d tokens, context %d; %.1f MiB reserved, "
+            "%s resident (pages take memory as they are first written)",
             self.model_name, self.dtype, self.settings.tp, self.num_blocks, self.settings.block_size,
-            self.num_blocks * self.settings.block_size, self.max_model_len,
+            self.num_blocks * self.settings.block_size, self.max_model_len, reserved / 2**20,
+            _mib(None if None in resident else sum(resident)),  # type: ignore[arg-type]
         )  # fmt: skip
         self.report_ranks(True)
         self.engine.start()
@@ -120,6 +126,10 @@ class Runtime:
             self.ready = True
             return True
         return False
+
+
+def _mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _max_model_len(settings: Settings, config: ModelConfig) -> int:
@@ -201,6 +211,15 @@ def read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer]:
     config = read_config(model_path)
     with reading_model(model_path, TokenizerError):  # a corrupt tokenizer surfaces in the tokenizers library
         tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    entry = builtin_entry(settings.model, model_path)
+    defaults, source = sampling_defaults(
+        settings.generation_config, settings.override_generation_config, model_path,
+        entry.generation_defaults if entry else None,
+    )  # fmt: skip
+    tokenizer.generation_defaults = defaults  # what the request side reads
+    if defaults:
+        log.info("sampling defaults where a request is silent (from %s): %s", source,
+                 ", ".join(f"{k}={v}" for k, v in defaults.items()))  # fmt: skip
     return model_path, config, tokenizer
 
 

@@ -5,6 +5,7 @@ passed down; nothing reads the environment anywhere else."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,10 +13,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.model.generation_config import check_choice, check_override
 from app.model.hub import HubOptions, is_hub_id  # torch-free, as is the registry
 from app.model.registry import describe_families  # torch-free: classes are imported on first use
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+# vLLM's spellings of the same dtypes (its `auto` is the checkpoint's dtype; ours the fastest here)
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -41,7 +45,11 @@ class Settings(BaseSettings):
         None, description="hub model: cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)"
     )
     served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
-    dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
+    dtype: Dtype = Field(
+        "auto",
+        description="weight dtype (also vLLM's bfloat16, float16, half, float32, float); auto = fastest "
+        "measured here (int8 weight-only on a CPU)",
+    )
     tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (processes)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -95,6 +103,16 @@ class Settings(BaseSettings):
         "hermes", description="how the model writes tool calls (read back into tool_calls)"
     )
     seed: int = Field(0, description="seed of unseeded sampling")
+    generation_config: str = Field(
+        "auto",
+        description="sampling defaults where a request is silent, as vLLM's: auto = the model's "
+        "generation_config.json (the built-in model: its model card's), vllm = none (OpenAI's defaults), "
+        "or a directory holding a generation_config.json",
+    )
+    override_generation_config: dict[str, float | int] = Field(
+        default_factory=dict,
+        description='JSON object over those defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 256}\'',
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
@@ -117,6 +135,31 @@ class Settings(BaseSettings):
 
     def hub_options(self, progress: bool = True) -> HubOptions:
         return HubOptions(self.revision, self.hf_token, self.download_dir, progress)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _vllm_dtype(cls, v: object) -> object:
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _json_object(cls, v: object) -> object:
+        if isinstance(v, str):  # a flag's value; the environment's is decoded by pydantic-settings
+            try:
+                return json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"not a JSON object: {e}") from None
+        return v
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _known_generation_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        return dict(check_override(v))
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config_exists(cls, v: str) -> str:
+        return check_choice(v)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ in the background, so probes answer 503 meanwhile)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
     request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
     debug: bool = False  # --debug: tracebacks in the log (a failed load)
+    url: str | None = None  # serve(): where it listens, for the "ready" line
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # set once Uvicorn said it runs
 
     @property
     def draining(self) -> bool:

@@ -150,8 +150,12 @@ async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
         state.request_exit()
         return
     _attach(state, runtime, loop, relay)
-    log.info("ready: %s (%s, tp %d, context %d); compute: %s", runtime.model_name, runtime.dtype,
-             state.settings.tp, runtime.max_model_len, runtime.compute)  # fmt: skip
+    where = ""
+    if state.url is not None:  # after Uvicorn's own "running on" line, which comes before the model
+        await state.listening.wait()
+        where = f"; playground {state.url}/, API docs {state.url}/docs"
+    log.info("ready: %s (%s, tp %d, context %d); compute: %s%s", runtime.model_name, runtime.dtype,
+             state.settings.tp, runtime.max_model_len, runtime.compute, where)  # fmt: skip
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -197,6 +201,7 @@ class _DrainingServer(uvicorn.Server):
         # no descriptor
         for sock in sockets or ():
             sock.listen(BACKLOG)
+        self.state.listening.set()
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -275,6 +280,8 @@ def serve(
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]
+    shown = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    state.url = f"http://{shown}:{port}"
     log.info(
         "listening on http://%s:%d (at most %d connections, request heads within %gs); loading the model",
         host, port, guard.max_connections, guard.head_timeout,

