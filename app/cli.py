@@ -84,10 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="fetch a built-in model into the cache ($SHARDSERVE_HOME)")
-    p.add_argument("name", nargs="?", default=None, help="built-in model name (default: the default model)")
-    p.add_argument("--verify", action="store_true", help="re-check the sha256 of a cached file")
-    _add_settings_options(p, ("home",))
+    p = sub.add_parser(
+        "download",
+        help="fetch a built-in model ($SHARDSERVE_HOME) or a hub id (Hugging Face cache) ahead of serving",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help="built-in model name or hub id org/name (default: the default model)",
+    )
+    p.add_argument("--verify", action="store_true", help="re-check the sha256 of a cached built-in file")
+    _add_settings_options(p, ("home", *_HUB_FIELDS))
 
     p = sub.add_parser("generate", help="generate text from a prompt, printing tokens as they come")
     p.add_argument("--prompt", required=True)
@@ -179,9 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "download":
             from app.model.download import download_model
+            from app.model.hub import is_hub_id, snapshot
 
-            path = download_model(ns.name or settings.model, settings.home, verify=ns.verify)
-            print(path)
+            name = ns.name or settings.model
+            if is_hub_id(name.strip()):
+                print(snapshot(name.strip(), settings.hub_options(sys.stderr.isatty())))
+                return 0
+            print(download_model(name, settings.home, verify=ns.verify))
             return 0
         if ns.command == "generate":
             from app.generate import generate

@@ -1,7 +1,8 @@
 """The one settings object: every option is a CLI flag and a SHARDSERVE_<NAME> variable.
 
 Built once at start-up (CLI values override the environment, which overrides the defaults) and
-passed down; nothing reads the environment anywhere else."""
+passed down; nothing reads the environment anywhere else, except huggingface_hub, which reads its
+own HF_* variables (HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE) as it does for every program using it."""
 
 from __future__ import annotations
 

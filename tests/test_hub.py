@@ -121,3 +121,13 @@ def test_a_repository_without_safetensors_is_refused(tmp_path_factory, tmp_path,
     lay_out_hub_cache(tmp_path / "hub", REPO, files)
     with pytest.raises(HubModelError, match=r"no \*\.safetensors"):
         resolve_model(REPO, tmp_path, HubOptions(cache_dir=tmp_path / "hub"), download=True)
+
+
+def test_download_subcommand_takes_a_hub_id(tmp_path_factory, tmp_path, capsys, offline):
+    from app.cli import main
+
+    snap = lay_out_hub_cache(tmp_path / "hub", REPO, model_files(tiny_llama(tmp_path_factory)))
+    assert main(["download", REPO, "--download-dir", str(tmp_path / "hub")]) == 0
+    assert capsys.readouterr().out.strip() == str(snap)
+    assert main(["download", "nobody/nothing", "--download-dir", str(tmp_path / "hub")]) == 1
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
