@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from app.model.errors import ModelLoadError
+from app.model.errors import reading_model
 
 # generation_config.json's name -> the sampling parameter it sets (vLLM's get_diff_sampling_param)
 KEYS = {
@@ -32,15 +32,10 @@ def read_generation_config(directory: Path) -> dict[str, float]:
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: not a JSON object")
-    return {
-        k: data[k] for k in KEYS if isinstance(data.get(k), (int, float)) and not isinstance(data[k], bool)
-    }
+    with reading_model(path):
+        data = dict(json.loads(path.read_text(encoding="utf-8")))
+    number = (int, float)
+    return {k: v for k in KEYS if isinstance(v := data.get(k), number) and not isinstance(v, bool)}
 
 
 def check_choice(choice: str) -> str:
