@@ -163,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings, list[str]]:
+    """The parsed command line (a --config file expanded), its Settings, and the warning lines of
+    the vLLM flags it ignores; ValueError (or ValidationError) for what it refuses."""
+    bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
+    ns = build_parser().parse_args(expand_config(argv, bools))
+    settings = _settings(ns)
+    return ns, settings, check_foreign_flags(ns, settings.model, settings.revision)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
-        ns = parser.parse_args(expand_config(sys.argv[1:] if argv is None else argv, bools))
-        settings = _settings(ns)
-        warnings = check_foreign_flags(ns, settings.model, settings.revision)
+        ns, settings, warnings = parse_args(sys.argv[1:] if argv is None else argv)
     except ValidationError as e:
         err = e.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")

@@ -10,11 +10,11 @@ import re
 import openai
 import pytest
 
-from app.cli import _settings, build_parser, main
+from app.cli import build_parser, main, parse_args
 from app.model.generation_config import sampling_defaults
 from app.model.registry_names import BUILTIN_MODELS, DEFAULT_MODEL, builtin_entry, builtin_path
 from app.settings import Settings
-from app.vllm_flags import FOREIGN_FLAGS, HELP_GROUPS, check_foreign_flags, expand_config
+from app.vllm_flags import FOREIGN_FLAGS, HELP_GROUPS
 from tests.api_server import ServeProcess
 from tests.hf_cache import lay_out_hub_cache, model_files
 from tests.models import tiny_llama
@@ -23,10 +23,8 @@ REPO = "tiny-org/tiny-llama"
 
 
 def parse(*argv: str) -> tuple[Settings, list[str]]:
-    bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
-    ns = build_parser().parse_args(expand_config(["serve", *argv], bools))
-    settings = _settings(ns)
-    return settings, check_foreign_flags(ns, settings.model, settings.revision)
+    _, settings, warnings = parse_args(["serve", *argv])
+    return settings, warnings
 
 
 def test_positional_model_tp_and_dtype_spellings():
