@@ -49,11 +49,11 @@ CONFIG_MODEL = "--config-model"  # a config file's `model`, hidden from --help
 class ForeignFlag:
     """A vLLM flag we do not have: `refuse` says why it cannot be honoured, else it is ignored."""
 
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # the flag and vLLM's aliases of it
     why: str  # what we do instead (ignored) or why not (refused)
     takes_value: bool = True
     refuse: bool = False
-    same_as_ours: tuple[str, ...] = ()  # values that ask for what we do anyway: accepted silently
+    same_as_ours: tuple[str, ...] = ()  # values asking for what we do anyway, silently accepted ({model})
 
 
 FOREIGN_FLAGS = (
@@ -61,18 +61,23 @@ FOREIGN_FLAGS = (
     ForeignFlag(("--trust-remote-code",), "no model code is ever run: the architectures are built in", False),
     ForeignFlag(("--enable-auto-tool-choice",), "tool calls are always read back with --tool-call-parser when a request has tools", False),
     ForeignFlag(("--disable-log-requests",), "prompts and outputs are never logged unless --log-prompts", False),
-    ForeignFlag(("--enable-log-requests", "--enable-log-outputs"), "--log-prompts logs prompts and outputs", False),
+    ForeignFlag(("--enable-log-requests",), "--log-prompts logs prompts and outputs", False),
+    ForeignFlag(("--enable-log-outputs",), "--log-prompts logs prompts and outputs", False),
     ForeignFlag(("--disable-log-stats",), "statistics are served at /metrics, never logged periodically", False),
     ForeignFlag(("--enforce-eager",), "the model always runs eagerly (no CUDA graphs, no compilation)", False),
-    ForeignFlag(("--compilation-config", "-O", "--max-seq-len-to-capture"), "the model always runs eagerly (no CUDA graphs, no compilation)"),
-    ForeignFlag(("--swap-space", "--cpu-offload-gb"), "preempted sequences are recomputed, never swapped; weights stay on the device"),
-    ForeignFlag(("--enable-chunked-prefill", "--no-enable-chunked-prefill"), "prefill is always chunked under --max-num-batched-tokens", False),
+    ForeignFlag(("--compilation-config", "-O"), "the model always runs eagerly (no CUDA graphs, no compilation)"),
+    ForeignFlag(("--max-seq-len-to-capture",), "the model always runs eagerly (no CUDA graphs, no compilation)"),
+    ForeignFlag(("--swap-space",), "preempted sequences are recomputed, never swapped out"),
+    ForeignFlag(("--cpu-offload-gb",), "weights stay in the device's memory, one arena per rank"),
+    ForeignFlag(("--enable-chunked-prefill",), "prefill is always chunked under --max-num-batched-tokens", False),
+    ForeignFlag(("--no-enable-chunked-prefill",), "prefill is always chunked under --max-num-batched-tokens", False),
     ForeignFlag(("--uvicorn-log-level",), "--log-level sets every logger, Uvicorn's included"),
     ForeignFlag(("--disable-uvicorn-access-log",), "the access log is ours (structured, at --log-level info)", False),
     ForeignFlag(("--distributed-executor-backend",), "ranks are always processes (torch.distributed with --dist-init across machines)"),
     ForeignFlag(("--disable-custom-all-reduce",), "the all-reduce is ours: shared memory on a CPU, NCCL on CUDA", False),
     ForeignFlag(("--max-parallel-loading-workers",), "each rank reads only its own slices, one tensor at a time"),
-    ForeignFlag(("--structured-outputs-config", "--guided-decoding-backend"), "constraints always compile with llguidance"),
+    ForeignFlag(("--structured-outputs-config",), "constraints always compile with llguidance"),
+    ForeignFlag(("--guided-decoding-backend",), "constraints always compile with llguidance"),
     ForeignFlag(("--disable-frontend-multiprocessing",), "the HTTP server and the engine share one process; ranks are processes", False),
     ForeignFlag(("--tokenizer-mode",), "the tokenizer is the model's own (tokenizer.json, or the GGUF's)", same_as_ours=("auto", "hf")),
     ForeignFlag(("--code-revision",), "no model code is ever run"),
@@ -83,14 +88,17 @@ FOREIGN_FLAGS = (
     ForeignFlag(("--data-parallel-size", "-dp"), "run more replicas behind a load balancer (deploy/k8s) instead", refuse=True, same_as_ours=("1",)),
     ForeignFlag(("--quantization", "-q"), "pre-quantized checkpoints (AWQ, GPTQ, FP8, ...) are not loaded; --dtype int8 quantizes any checkpoint to weight-only INT8", refuse=True, same_as_ours=("gguf",)),
     ForeignFlag(("--kv-cache-dtype",), "the KV cache dtype follows --dtype (fp32, or fp16 under the C++ kernels)", refuse=True, same_as_ours=("auto",)),
-    ForeignFlag(("--tokenizer", "--tokenizer-revision"), "the tokenizer is always the model's own (tokenizer.json beside the weights, or the GGUF's)", refuse=True),
+    ForeignFlag(("--tokenizer",), "the tokenizer is always the model's own (tokenizer.json beside the weights, or the GGUF's)", refuse=True, same_as_ours=("{model}",)),
+    ForeignFlag(("--tokenizer-revision",), "the tokenizer is always the model's own, at --revision", refuse=True, same_as_ours=("{revision}",)),
     ForeignFlag(("--load-format",), "weights load from safetensors or GGUF files", refuse=True, same_as_ours=("auto", "safetensors", "gguf")),
-    ForeignFlag(("--hf-overrides", "--rope-scaling", "--rope-theta"), "the model's config.json is served as it is; edit a copy to change it", refuse=True),
+    ForeignFlag(("--hf-overrides",), "the model's config.json is served as it is; edit a copy to change it", refuse=True),
     ForeignFlag(("--enable-lora",), "LoRA adapters are not supported", False, refuse=True),
     ForeignFlag(("--lora-modules",), "LoRA adapters are not supported", refuse=True),
     ForeignFlag(("--reasoning-parser",), "reasoning is not split out of the content (no reasoning_content)", refuse=True),
-    ForeignFlag(("--ssl-keyfile", "--ssl-certfile"), "TLS is not served here: terminate it at a proxy or an ingress", refuse=True),
-    ForeignFlag(("--task", "--runner"), "only text generation is served", refuse=True, same_as_ours=("auto", "generate")),
+    ForeignFlag(("--ssl-keyfile",), "TLS is not served here: terminate it at a proxy or an ingress", refuse=True),
+    ForeignFlag(("--ssl-certfile",), "TLS is not served here: terminate it at a proxy or an ingress", refuse=True),
+    ForeignFlag(("--task",), "only text generation is served", refuse=True, same_as_ours=("auto", "generate")),
+    ForeignFlag(("--runner",), "only text generation is served", refuse=True, same_as_ours=("auto", "generate")),
 )  # fmt: skip
 
 
@@ -115,7 +123,7 @@ def check_foreign_flags(ns: argparse.Namespace, model: str | None, revision: str
         value = vars(ns).get("foreign:" + flag.names[0])
         if value is None:
             continue
-        ours = (*flag.same_as_ours, *((model, revision) if flag.names[0] == "--tokenizer" else ()))
+        ours = {v.format(model=model, revision=revision or "main") for v in flag.same_as_ours}
         if isinstance(value, str) and value in ours:
             continue
         if flag.refuse:

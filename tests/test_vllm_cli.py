@@ -79,10 +79,11 @@ def test_a_config_file_with_an_unknown_key_or_bad_yaml_is_refused(tmp_path, caps
 def test_meaningless_vllm_flags_warn_once_each_and_unhonourable_ones_are_refused():
     _, warnings = parse("--gpu-memory-utilization", "0.9", "--trust-remote-code", "--enable-auto-tool-choice",
                         "--disable-log-requests", "--swap-space", "4", "-pp", "1", "--kv-cache-dtype", "auto",
-                        "--tokenizer", "org/m", "org/m", "--load-format", "safetensors")  # fmt: skip
+                        "--tokenizer", "org/m", "org/m", "--load-format", "safetensors",
+                        "--tokenizer-revision", "main", "--max-seq-len-to-capture", "8")  # fmt: skip
     assert [w.split(" ")[0] for w in warnings] == [
         "--gpu-memory-utilization", "--trust-remote-code", "--enable-auto-tool-choice",
-        "--disable-log-requests", "--swap-space",
+        "--disable-log-requests", "--max-seq-len-to-capture", "--swap-space",
     ]  # fmt: skip
     assert all(" is ignored: " in w and "\n" not in w for w in warnings)
     for argv, reason in (
@@ -90,6 +91,7 @@ def test_meaningless_vllm_flags_warn_once_each_and_unhonourable_ones_are_refused
         (["--quantization", "awq"], "--dtype int8"),
         (["--kv-cache-dtype", "fp8"], "follows --dtype"),
         (["--tokenizer", "other/tok", "org/m"], "model's own"),
+        (["--tokenizer-revision", "v2", "--revision", "v1"], "at --revision"),
         (["--enable-lora"], "LoRA"),
     ):
         with pytest.raises(ValueError, match=reason):
