@@ -56,28 +56,36 @@ class ForeignFlag:
     same_as_ours: tuple[str, ...] = ()  # values asking for what we do anyway, silently accepted ({model})
 
 
+_EAGER = "the model always runs eagerly (no CUDA graphs, no compilation)"
+_CHUNKED = "prefill is always chunked under --max-num-batched-tokens"
+_LLGUIDANCE = "constraints always compile with llguidance"
+_LOG_PROMPTS = "--log-prompts logs prompts and outputs"
+_TLS = "TLS is not served here: terminate it at a proxy or an ingress"
+_GENERATE = "only text generation is served"
+_LORA = "LoRA adapters are not supported"
+
 FOREIGN_FLAGS = (
     ForeignFlag(("--gpu-memory-utilization",), "the KV cache takes --kv-cache-memory-fraction of free memory, or --kv-cache-tokens"),
     ForeignFlag(("--trust-remote-code",), "no model code is ever run: the architectures are built in", False),
     ForeignFlag(("--enable-auto-tool-choice",), "tool calls are always read back with --tool-call-parser when a request has tools", False),
     ForeignFlag(("--disable-log-requests",), "prompts and outputs are never logged unless --log-prompts", False),
-    ForeignFlag(("--enable-log-requests",), "--log-prompts logs prompts and outputs", False),
-    ForeignFlag(("--enable-log-outputs",), "--log-prompts logs prompts and outputs", False),
+    ForeignFlag(("--enable-log-requests",), _LOG_PROMPTS, False),
+    ForeignFlag(("--enable-log-outputs",), _LOG_PROMPTS, False),
     ForeignFlag(("--disable-log-stats",), "statistics are served at /metrics, never logged periodically", False),
-    ForeignFlag(("--enforce-eager",), "the model always runs eagerly (no CUDA graphs, no compilation)", False),
-    ForeignFlag(("--compilation-config", "-O"), "the model always runs eagerly (no CUDA graphs, no compilation)"),
-    ForeignFlag(("--max-seq-len-to-capture",), "the model always runs eagerly (no CUDA graphs, no compilation)"),
+    ForeignFlag(("--enforce-eager",), _EAGER, False),
+    ForeignFlag(("--compilation-config", "-O"), _EAGER),
+    ForeignFlag(("--max-seq-len-to-capture",), _EAGER),
     ForeignFlag(("--swap-space",), "preempted sequences are recomputed, never swapped out"),
     ForeignFlag(("--cpu-offload-gb",), "weights stay in the device's memory, one arena per rank"),
-    ForeignFlag(("--enable-chunked-prefill",), "prefill is always chunked under --max-num-batched-tokens", False),
-    ForeignFlag(("--no-enable-chunked-prefill",), "prefill is always chunked under --max-num-batched-tokens", False),
+    ForeignFlag(("--enable-chunked-prefill",), _CHUNKED, False),
+    ForeignFlag(("--no-enable-chunked-prefill",), _CHUNKED, False),
     ForeignFlag(("--uvicorn-log-level",), "--log-level sets every logger, Uvicorn's included"),
     ForeignFlag(("--disable-uvicorn-access-log",), "the access log is ours (structured, at --log-level info)", False),
     ForeignFlag(("--distributed-executor-backend",), "ranks are always processes (torch.distributed with --dist-init across machines)"),
     ForeignFlag(("--disable-custom-all-reduce",), "the all-reduce is ours: shared memory on a CPU, NCCL on CUDA", False),
     ForeignFlag(("--max-parallel-loading-workers",), "each rank reads only its own slices, one tensor at a time"),
-    ForeignFlag(("--structured-outputs-config",), "constraints always compile with llguidance"),
-    ForeignFlag(("--guided-decoding-backend",), "constraints always compile with llguidance"),
+    ForeignFlag(("--structured-outputs-config",), _LLGUIDANCE),
+    ForeignFlag(("--guided-decoding-backend",), _LLGUIDANCE),
     ForeignFlag(("--disable-frontend-multiprocessing",), "the HTTP server and the engine share one process; ranks are processes", False),
     ForeignFlag(("--tokenizer-mode",), "the tokenizer is the model's own (tokenizer.json, or the GGUF's)", same_as_ours=("auto", "hf")),
     ForeignFlag(("--code-revision",), "no model code is ever run"),
@@ -92,13 +100,13 @@ FOREIGN_FLAGS = (
     ForeignFlag(("--tokenizer-revision",), "the tokenizer is always the model's own, at --revision", refuse=True, same_as_ours=("{revision}",)),
     ForeignFlag(("--load-format",), "weights load from safetensors or GGUF files", refuse=True, same_as_ours=("auto", "safetensors", "gguf")),
     ForeignFlag(("--hf-overrides",), "the model's config.json is served as it is; edit a copy to change it", refuse=True),
-    ForeignFlag(("--enable-lora",), "LoRA adapters are not supported", False, refuse=True),
-    ForeignFlag(("--lora-modules",), "LoRA adapters are not supported", refuse=True),
+    ForeignFlag(("--enable-lora",), _LORA, False, refuse=True),
+    ForeignFlag(("--lora-modules",), _LORA, refuse=True),
     ForeignFlag(("--reasoning-parser",), "reasoning is not split out of the content (no reasoning_content)", refuse=True),
-    ForeignFlag(("--ssl-keyfile",), "TLS is not served here: terminate it at a proxy or an ingress", refuse=True),
-    ForeignFlag(("--ssl-certfile",), "TLS is not served here: terminate it at a proxy or an ingress", refuse=True),
-    ForeignFlag(("--task",), "only text generation is served", refuse=True, same_as_ours=("auto", "generate")),
-    ForeignFlag(("--runner",), "only text generation is served", refuse=True, same_as_ours=("auto", "generate")),
+    ForeignFlag(("--ssl-keyfile",), _TLS, refuse=True),
+    ForeignFlag(("--ssl-certfile",), _TLS, refuse=True),
+    ForeignFlag(("--task",), _GENERATE, refuse=True, same_as_ours=("auto", "generate")),
+    ForeignFlag(("--runner",), _GENERATE, refuse=True, same_as_ours=("auto", "generate")),
 )  # fmt: skip
 
 
