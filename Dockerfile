@@ -6,7 +6,7 @@
 #                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t shardserve:cuda .
 #
 # No Docker engine runs on the development machines: this file is checked by hadolint and by
-# tests/test_deploy.py, never built there. Keep it plain enough that reading it is a real check.
+# tests/deploy/test_deploy.py, never built there. Keep it plain enough that reading it is a real check.
 
 # Any Debian/Ubuntu image with Python >= 3.10 works; images without Python (the CUDA runtime
 # images) get the distribution's python3 below.

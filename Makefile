@@ -48,9 +48,9 @@ serve: model
 # the playground test drives a real headless Chromium; playwright cannot download one here
 browser:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) || \
-	  echo "browser: chromium not installed; tests/test_playground.py will skip"
+	  echo "browser: chromium not installed; tests/e2e/test_playground.py will skip"
 
-# tests/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
+# tests/deploy/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
 # kubernetes-validate come with the dev extras, docker-compose and promtool (package prometheus)
 # from Debian. --no-install-recommends keeps the Docker engine and node-exporter out. Failing
 # here is not fatal: those tests then skip, saying which tool is missing.
@@ -58,7 +58,7 @@ deploy-tools: install
 	@command -v docker-compose >/dev/null && command -v promtool >/dev/null || \
 	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
 	    docker-compose prometheus) || \
-	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/test_deploy.py will skip"
+	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/deploy/test_deploy.py will skip"
 
 test: install model deploy-tools browser
 	$(VENV)/bin/pytest
@@ -72,13 +72,13 @@ test-slow: install model
 # with 300 idle and half-open loopback connections held beside it after the first minute.
 SOAK_MINUTES ?= 10
 soak: install model
-	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/test_robustness.py -k "clients or storm"
-	$(PY) -m tests.soak --minutes $(SOAK_MINUTES)
+	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/e2e/test_robustness.py -k "clients or storm"
+	$(PY) -m tests.support.soak --minutes $(SOAK_MINUTES)
 
 # make fuzz [FUZZ_EXAMPLES=500]: schemathesis cases per API operation (make test runs 100).
 FUZZ_EXAMPLES ?= 500
 fuzz: install model
-	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/test_api_fuzz.py
+	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/e2e/test_api_fuzz.py
 
 # make bench [PEERS=all|llama|vllm|naive|none] [QUICK=1]: kernels, engine, then the serve workloads
 # against shardserve and each peer (set up once in its own venv under .bench/), written into

@@ -58,28 +58,6 @@ class Device:
         return "nccl" if self.kind == "cuda" else "gloo"
 
     @property
-    def pin_memory_supported(self) -> bool:
-        return self.kind == "cuda"
-
-    @property
-    def int8_backend(self) -> str:
-        # Measured: bitsandbytes on CPU is ~9x slower than fp32; torch's int8 weight-only
-        # kernel (_weight_int8pack_mm) is the fast CPU path and has no CUDA counterpart we use.
-        return "bitsandbytes" if self.kind == "cuda" else "torch_int8pack"
-
-    @property
-    def best_compute_dtype(self) -> torch.dtype:
-        """Activation dtype for fp weights: this CPU has no fast 16-bit matmul (0.3 GFLOP/s)."""
-        if self.kind == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-
-    @property
-    def int8_activation_dtype(self) -> torch.dtype:
-        """Activations fed to the int8 kernel: _weight_int8pack_mm is 20x faster with bf16 than fp32."""
-        return torch.float16 if self.kind == "cuda" else torch.bfloat16
-
-    @property
     def auto_weight_dtype(self) -> str:
         """What `--dtype auto` means here: the fastest dtype measured for this device kind."""
         return "bf16" if self.kind == "cuda" else "int8"

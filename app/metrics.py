@@ -25,8 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.engine.engine import StepStats
-from app.engine.types import EngineStats, FinishReason, GenerateRequest, RequestOutput
+from app.engine.types import EngineStats, FinishReason, GenerateRequest, RequestOutput, StepStats
 
 P = "shardserve_"
 FINISH_REASONS = ("stop", "length", "tool_calls", "timeout", "error", "abort")
@@ -80,11 +79,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             P + "queued_tokens", "Prompt tokens admitted but not yet computed.", value=s.queued_tokens
         )
-        total = max(1, s.kv_blocks_total)
         yield GaugeMetricFamily(
             P + "kv_cache_usage_ratio",
             "KV blocks held by running or waiting sequences over all blocks (cached, unheld blocks count as free).",
-            value=s.kv_blocks_used / total if s.kv_blocks_total else 0.0,
+            value=s.kv_cache_usage_ratio,
         )
         blocks = GaugeMetricFamily(P + "kv_cache_blocks", "KV cache blocks by state.", labels=["state"])
         blocks.add_metric(["used"], s.kv_blocks_used)
@@ -96,9 +94,7 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
             ("preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks."),
         ):
-            yield CounterMetricFamily(
-                P + name.removesuffix("_total"), help_text, value=s.extra.get(name, 0.0)
-            )
+            yield CounterMetricFamily(P + name.removesuffix("_total"), help_text, value=getattr(s, name))
 
 
 class _Labelled:
@@ -205,6 +201,13 @@ class Metrics:
 
     def request_added(self, req: GenerateRequest) -> None:
         self._reqs[req.request_id] = _Req(req.arrival_time, len(req.prompt_token_ids), req.sampling.n)
+
+    def observe_ranks(self, tp: int, up: bool, weight_bytes: dict[int, int]) -> None:
+        """The pool's word on its ranks: at start, when marked down, after a restart."""
+        for r in range(tp):
+            self.rank_up.labels(str(r)).set(1 if up else 0)
+        for r, n in weight_bytes.items():
+            self.weight_bytes.labels(str(r)).set(n)
 
     def observe_step(self, stats: StepStats) -> None:
         self.batch_size.observe(stats.num_seqs)

@@ -14,15 +14,21 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.model.generation_config import check_choice, check_override
-from app.model.hub import HubOptions, is_hub_id  # torch-free, as is the registry
-from app.model.registry import describe_families  # torch-free: classes are imported on first use
-
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 # vLLM's spellings of the same dtypes (its `auto` is the checkpoint's dtype; ours the fastest here)
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# generation_config.json's sampling keys -> the request parameter each sets where a request is silent
+# (vLLM's get_diff_sampling_param); app/model/generation_config.py reads them
+GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def default_home() -> Path:
@@ -35,8 +41,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home, description="model cache directory")
     model: str = Field(
         DEFAULT_MODEL,
-        description="built-in name, .gguf file, Hugging Face directory or hub id (org/name); "
-        f"families: {describe_families()}",
+        description="built-in name, .gguf file, Hugging Face directory or hub id (org/name)",
     )
     revision: str | None = Field(None, description="hub model: branch, tag or commit (default main)")
     hf_token: str | None = Field(
@@ -126,16 +131,13 @@ class Settings(BaseSettings):
     @property
     def served_name(self) -> str:
         """The model's id in the API and in every metric's model_name label: --served-model-name,
-        else a built-in name or hub id as given, else the file or directory's stem."""
+        else a built-in name or hub id as given (no path on disk), else the file or directory's stem."""
         if self.served_model_name:
             return self.served_model_name
-        spec = self.model
-        if "/" not in spec or (is_hub_id(spec.strip()) and not Path(spec).expanduser().exists()):
-            return spec.strip()
+        spec = self.model.strip()
+        if "/" not in spec or not Path(spec).expanduser().exists():
+            return spec
         return Path(spec).expanduser().stem
-
-    def hub_options(self, progress: bool = True) -> HubOptions:
-        return HubOptions(self.revision, self.hf_token, self.download_dir, progress)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -155,12 +157,17 @@ class Settings(BaseSettings):
     @field_validator("override_generation_config")
     @classmethod
     def _known_generation_keys(cls, v: dict[str, float]) -> dict[str, float]:
-        return dict(check_override(v))
+        unknown = sorted(set(v) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(GENERATION_KEYS)}")
+        return v
 
     @field_validator("generation_config")
     @classmethod
     def _generation_config_exists(cls, v: str) -> str:
-        return check_choice(v)
+        if v not in ("auto", "vllm") and not (Path(v).expanduser() / "generation_config.json").is_file():
+            raise ValueError(f"{v!r} is not auto, vllm or a directory holding a generation_config.json")
+        return v
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

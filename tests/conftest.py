@@ -11,8 +11,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
-from app.model.registry_names import DEFAULT_MODEL as DEFAULT_MODEL_NAME
-from app.model.registry_names import builtin_path, shardserve_home
+from app.model.store import DEFAULT_MODEL as DEFAULT_MODEL_NAME
+from app.model.store import builtin_path, shardserve_home
 
 DEFAULT_MODEL_ENV = "SHARDSERVE_DEFAULT_MODEL"
 # where `shardserve download` (so `make model`) puts it: $SHARDSERVE_HOME, default ~/.cache/shardserve

@@ -1,8 +1,8 @@
 """The app's state and the Annotated dependencies routes take; tests override them by key.
 
 One ServerState per app, made by create_app and kept in ``app.state.shardserve``; nothing lives at
-module level. The runtime and its EngineClient appear once the model is loaded (the lifespan loads it
-in the background, so probes answer 503 meanwhile)."""
+module level. The model card and the EngineClient appear once the model is loaded (the lifespan loads
+it in the background, so probes answer 503 meanwhile)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
 
 from app.api.backpressure import SHUTTING_DOWN, Admission
+from app.api.card import ServedModel
 from app.api.errors import EngineFailed, NotReady, ServiceUnavailable, Unauthorized
 from app.engine.client import EngineClient
 from app.metrics import Metrics
-from app.runtime import Runtime
 from app.settings import Settings
 
 
@@ -29,7 +29,7 @@ class ServerState:
     settings: Settings
     admission: Admission
     api_keys: tuple[bytes, ...] = ()
-    runtime: Runtime | None = None
+    card: ServedModel | None = None
     client: EngineClient | None = None
     load_error: str | None = None  # the model failed to load: serve() exits non-zero
     metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
@@ -44,16 +44,16 @@ class ServerState:
 
     def not_ready_reason(self) -> str | None:
         """None when requests can be served; else why not (for /ready and the 503s)."""
-        rt = self.runtime
         if self.draining:
             return "draining"
         if self.load_error is not None:
             return "the model failed to load"
-        if rt is None or self.client is None:
+        if self.card is None or self.client is None:
             return "loading"
-        if rt.engine.failed is not None:
+        health = self.card.health()
+        if health.state == "failed":
             return "the worker ranks failed and could not be restarted"
-        if not rt.ready or rt.pool.check_alive() is not None:
+        if health.state == "restarting":
             return "the worker ranks are restarting"
         return None
 
@@ -65,30 +65,24 @@ def get_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
-def get_runtime(state: StateDep) -> Runtime:
-    """The loaded runtime (its tokenizer and limits); 503 while loading or draining."""
+def get_card(state: StateDep) -> ServedModel:
+    """The served model (its tokenizer and limits); 503 while loading or draining."""
     if state.draining:
         raise ServiceUnavailable(SHUTTING_DOWN, retry_after=1)
-    if state.runtime is None:
+    if state.card is None:
         raise NotReady()
-    return state.runtime
+    return state.card
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+CardDep = Annotated[ServedModel, Depends(get_card)]
 
 
-def given_up(runtime: Runtime) -> str:
-    return (
-        f"The model's worker ranks failed ({runtime.engine.failed}) and {runtime.restarts} restart(s) "
-        "did not bring them back; the server must be restarted."
-    )
-
-
-def get_client(state: StateDep, runtime: RuntimeDep) -> EngineClient:
+def get_client(state: StateDep, card: CardDep) -> EngineClient:
     """The engine client, only while every rank is up: 503 otherwise, before any work is done."""
     reason = state.not_ready_reason()
-    if runtime.engine.failed is not None:
-        raise EngineFailed(given_up(runtime))
+    health = card.health()
+    if health.state == "failed":
+        raise EngineFailed(health.reason)
     if reason is not None or state.client is None:
         raise NotReady(f"The model is not ready ({reason}); retry later.")
     return state.client

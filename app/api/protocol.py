@@ -1,32 +1,27 @@
-"""OpenAI request schemas (pydantic v2), their limits, and their SamplingParams (responses.py has
-the response shapes).
+"""OpenAI request schemas (pydantic v2) and their limits (responses.py has the response shapes).
 
 Requests are strict (a string is not a number), ignore unknown fields (clients send fields we do
 not know), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
-field. Limits that need the model (vocabulary, context) are checked by app/api/model_check.py once the
-route has tokenized the prompt.
+field. Limits that need the model (vocabulary, context, max_tokens) are checked by app/api/prepare.py
+once the prompt is tokenized.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SkipValidation,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, SkipValidation, ValidationInfo, field_validator, model_validator
 
-from app.api.errors import InvalidRequest
-from app.engine.types import SamplingParams
+from app.api.messages import (
+    ChatMessageParam,
+    ChatTool,
+    NamedToolChoice,
+    StrictModel,
+    invalid_value,
+    template_messages,
+)
 
 MAX_N = 16  # choices per request (and best_of, which must equal n)
 MAX_STOP = 16  # stop strings per request
@@ -42,7 +37,7 @@ MAX_TOOLS = 128
 MAX_GRAMMAR_CHARS = 100_000  # a JSON schema, regex or grammar; compiling it is bounded by llguidance
 MAX_CHOICES = 256  # guided_choice entries
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_TOKEN_ID = 2**31 - 1  # ids beyond the vocabulary are caught by check_against_model
+MAX_TOKEN_ID = 2**31 - 1  # ids beyond the vocabulary are caught by app/api/prepare.py
 LOGPROB_FLOOR = -9999.0  # what OpenAI sends for -inf, which JSON cannot carry
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
@@ -54,90 +49,14 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _bad(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_value", message)
-
-
 # ---- requests -------------------------------------------------------------------------------------
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_absent(cls, data: Any) -> Any:
-        # Clients (LangChain, older SDKs) send "stop": null and friends; null means "use the default".
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class StreamOptions(_Request):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class FunctionCall(_Request):
-    name: str
-    arguments: str
-
-
-class ToolCall(_Request):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessageParam(_Request):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if not v:
-                raise _bad("content must not be an empty list")
-            for part in v:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise _bad("only text content is supported (every content part must have type 'text')")
-        return v
-
-    @model_validator(mode="after")
-    def _has_content(self) -> ChatMessageParam:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise _bad(f"a {self.role} message needs content")
-        return self
-
-    def text(self) -> str:
-        """The content as one string; text parts are joined by newlines, as vLLM does."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        return "\n".join(part.text for part in self.content)
-
-
-def template_messages(messages: Sequence[ChatMessageParam]) -> list[dict[str, Any]]:
-    """Plain dicts for a chat template; developer messages become system messages (OpenAI's meaning)."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.name is not None:
-            msg["name"] = m.name
-        if m.tool_calls:
-            msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
-        if m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
-        out.append(msg)
-    return out
-
-
-class ResponseFormatJsonSchema(_Request):
+class ResponseFormatJsonSchema(StrictModel):
     model_config = ConfigDict(populate_by_name=True)
     name: str = "response"
     description: str | None = None
@@ -145,7 +64,7 @@ class ResponseFormatJsonSchema(_Request):
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: ResponseFormatJsonSchema | None = None
 
@@ -157,7 +76,7 @@ def _check_unicode(value: Any, path: str = "") -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise _bad(
+            raise invalid_value(
                 f"{path or 'the body'} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode"
             ) from None
     elif isinstance(value, dict):
@@ -169,7 +88,7 @@ def _check_unicode(value: Any, path: str = "") -> None:
             _check_unicode(v, f"{path}[{i}]")
 
 
-class _TopLevel(_Request):
+class _TopLevel(StrictModel):
     """A whole request body: its text is checked once, here, not by every nested model."""
 
     @model_validator(mode="before")
@@ -179,7 +98,7 @@ class _TopLevel(_Request):
         return data
 
 
-class _SamplingRequest(_TopLevel):
+class SamplingRequest(_TopLevel):
     """Fields shared by both generation endpoints; order matters to the cross-field validators."""
 
     model: str | None = None
@@ -220,7 +139,7 @@ class _SamplingRequest(_TopLevel):
     @classmethod
     def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> Any:
         if v is not None and not info.data.get("stream", False):
-            raise _bad("stream_options is only allowed when stream is true")
+            raise invalid_value("stream_options is only allowed when stream is true")
         return v
 
     @field_validator("stop", mode="before")
@@ -228,11 +147,11 @@ class _SamplingRequest(_TopLevel):
     def _check_stop(cls, v: Any) -> Any:
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise _bad("stop must be a string or a list of strings")
+            raise invalid_value("stop must be a string or a list of strings")
         if len(items) > MAX_STOP:
-            raise _bad(f"at most {MAX_STOP} stop sequences are allowed")
+            raise invalid_value(f"at most {MAX_STOP} stop sequences are allowed")
         if any(not s or len(s) > MAX_STOP_LEN for s in items):
-            raise _bad(f"each stop sequence must have 1 to {MAX_STOP_LEN} characters")
+            raise invalid_value(f"each stop sequence must have 1 to {MAX_STOP_LEN} characters")
         return v
 
     @field_validator("logit_bias")
@@ -240,58 +159,23 @@ class _SamplingRequest(_TopLevel):
     def _check_bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or ():
             if not re.fullmatch(r"[0-9]{1,10}", key) or int(key) > MAX_TOKEN_ID:
-                raise _bad("logit_bias keys must be token ids (non-negative integers written as strings)")
+                raise invalid_value(
+                    "logit_bias keys must be token ids (non-negative integers written as strings)"
+                )
         return v
 
     @property
     def requested_max_tokens(self) -> int | None:
+        """max_tokens as the client gave it (None: not given); app/api/prepare.py decides the rest."""
         raise NotImplementedError
 
-    def _logprobs(self) -> int | None:
+    @property
+    def requested_logprobs(self) -> int | None:
+        """None: no logprobs; k >= 0: the sampled token's and k alternatives'."""
         raise NotImplementedError
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    def to_sampling_params(
-        self, *, default_max_tokens: int, generation_defaults: Mapping[str, Any]
-    ) -> SamplingParams:
-        """Client values, else the model's generation defaults, else OpenAI's defaults.
-
-        default_max_tokens applies when the client set none (check_against_model then clips it
-        to the context); generation_defaults holds the model's generation_config values.
-        """
-        defaults = generation_defaults
-
-        def pick(name: str, fallback: float) -> Any:
-            value = getattr(self, name)
-            return value if value is not None else defaults.get(name, fallback)
-
-        max_tokens = self.requested_max_tokens
-        if max_tokens is None:
-            max_tokens = min(default_max_tokens, int(defaults.get("max_tokens", default_max_tokens)))
-        elif self.min_tokens > max_tokens:
-            raise InvalidRequest("min_tokens must not exceed max_tokens.", param="min_tokens")
-        return SamplingParams(
-            temperature=float(pick("temperature", 1.0)),
-            top_p=float(pick("top_p", 1.0)),
-            top_k=max(0, int(pick("top_k", 0))),
-            min_p=float(pick("min_p", 0.0)),
-            repetition_penalty=float(pick("repetition_penalty", 1.0)),
-            presence_penalty=float(pick("presence_penalty", 0.0)),
-            frequency_penalty=float(pick("frequency_penalty", 0.0)),
-            logit_bias=tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items())),
-            seed=self.seed,
-            n=self.n,
-            max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
-            stop=self.stop_list(),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos,
-            logprobs=self._logprobs(),
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
-        )
 
 
 def _check_prompt(v: Any) -> Any:
@@ -299,25 +183,27 @@ def _check_prompt(v: Any) -> Any:
     if isinstance(v, str):
         return v
     if not isinstance(v, list) or not v:
-        raise _bad(shape)
+        raise invalid_value(shape)
     if all(isinstance(p, str) for p in v):
         if len(v) > MAX_PROMPTS:
-            raise _bad(f"at most {MAX_PROMPTS} prompts are allowed")
+            raise invalid_value(f"at most {MAX_PROMPTS} prompts are allowed")
         return v
     lists = v if all(isinstance(p, list) for p in v) else [v]
     if len(lists) > MAX_PROMPTS:
-        raise _bad(f"at most {MAX_PROMPTS} prompts are allowed")
+        raise invalid_value(f"at most {MAX_PROMPTS} prompts are allowed")
     if sum(len(ids) for ids in lists) > MAX_PROMPT_TOKEN_IDS:
-        raise _bad(f"at most {MAX_PROMPT_TOKEN_IDS} prompt token ids are allowed")
+        raise invalid_value(f"at most {MAX_PROMPT_TOKEN_IDS} prompt token ids are allowed")
     # type() rather than isinstance() so that true/false are not token ids; a set keeps 128k ids cheap
     if any(
         not ids or set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) > MAX_TOKEN_ID for ids in lists
     ):
-        raise _bad(shape + f" (token ids are integers in [0, {MAX_TOKEN_ID}], prompts are non-empty)")
+        raise invalid_value(
+            shape + f" (token ids are integers in [0, {MAX_TOKEN_ID}], prompts are non-empty)"
+        )
     return v
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     # _check_prompt validates the whole shape; pydantic's union would cost ~60 ms on 128k ids
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], SkipValidation]
     max_tokens: PositiveInt | None = None
@@ -335,14 +221,16 @@ class CompletionRequest(_SamplingRequest):
     @classmethod
     def _echo_without_logprobs(cls, v: bool, info: ValidationInfo) -> bool:
         if v and info.data.get("logprobs") is not None:
-            raise _bad("echo together with logprobs is not supported (prompt logprobs are not computed)")
+            raise invalid_value(
+                "echo together with logprobs is not supported (prompt logprobs are not computed)"
+            )
         return v
 
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, v: str | None) -> str | None:
         if v:
-            raise _bad("suffix is not supported")
+            raise invalid_value("suffix is not supported")
         return v
 
     @field_validator("best_of")
@@ -350,16 +238,17 @@ class CompletionRequest(_SamplingRequest):
     def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
         n = info.data.get("n", 1)
         if v is not None and v < n:
-            raise _bad("best_of must be greater than or equal to n")
+            raise invalid_value("best_of must be greater than or equal to n")
         if v is not None and v > n:
-            raise _bad("best_of greater than n is not supported")
+            raise invalid_value("best_of greater than n is not supported")
         return v
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def _logprobs(self) -> int | None:
+    @property
+    def requested_logprobs(self) -> int | None:
         return self.logprobs  # OpenAI completions: k = how many alternatives besides the sampled token
 
     def prompt_list(self) -> list[str | list[int]]:
@@ -372,28 +261,7 @@ class CompletionRequest(_SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class FunctionDefinition(_Request):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ChatTool(_Request):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(_Request):
-    name: str
-
-
-class NamedToolChoice(_Request):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: PositiveInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: PositiveInt | None = None
@@ -410,14 +278,15 @@ class ChatCompletionRequest(_SamplingRequest):
     @classmethod
     def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v and not info.data.get("logprobs", False):
-            raise _bad("top_logprobs requires logprobs to be true")
+            raise invalid_value("top_logprobs requires logprobs to be true")
         return v
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def _logprobs(self) -> int | None:
+    @property
+    def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -438,10 +307,10 @@ class TokenizeRequest(_TopLevel):
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise _bad("give exactly one of prompt or messages")
+            raise invalid_value("give exactly one of prompt or messages")
         return self
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: list[TokenId] = Field(max_length=MAX_PROMPT_TOKEN_IDS)

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
-from app.api.protocol import LOGPROB_FLOOR, ToolCall, random_id
+from app.api.messages import ToolCall
+from app.api.protocol import LOGPROB_FLOOR, random_id
 from app.engine.types import TokenLogprob
 
 FinishReasonLiteral = Literal["stop", "length", "tool_calls", "timeout", "error"]

@@ -1,4 +1,5 @@
-"""The endpoints: thin adapters between HTTP and app/api/generation.py.
+"""The endpoints: thin adapters between HTTP and the API's two nouns, preparing a request
+(app/api/prepare.py) and rendering the engine's output (app/api/render.py).
 
 /v1/*, /tokenize and /detokenize sit behind the API key; /health, /ready, /metrics, /version, the
 playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for probes,
@@ -10,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import metadata, resources
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -23,32 +25,23 @@ from app.api import constraints, sse
 from app.api import protocol as p
 from app.api import responses as r
 from app.api.backpressure import Admission, Ticket
+from app.api.card import ServedModel
 from app.api.deps import (
     AccessRecord,
     AdmissionDep,
     Authorized,
     BearerScheme,
+    CardDep,
     ClientDep,
     RecordDep,
-    RuntimeDep,
     StateDep,
-    given_up,
 )
-from app.api.errors import EngineFailed, InvalidRequest, NotFound, NotReady, error_response
-from app.api.generation import (
-    Prepared,
-    Tally,
-    chat_stream,
-    collect,
-    completion_stream,
-    outputs_of,
-    prepare_chat,
-    prepare_completion,
-    template_kwargs,
-)
-from app.chat_template import ChatTemplateError
+from app.api.errors import EngineFailed, NotFound, NotReady, error_response
+from app.api.messages import template_messages
+from app.api.prepare import Prepared, check_vocab, prepare_chat, prepare_completion, render_chat
+from app.api.render import Tally, chat_stream, collect, completion_stream, outputs_of
 from app.engine.client import EngineClient
-from app.runtime import Runtime
+from app.settings import Settings
 
 KEEPALIVE_INTERVAL = 10.0  # seconds between SSE comments while a request waits in the queue
 INLINE_BODY_BYTES = 64 * 1024  # larger requests are tokenized off the event loop
@@ -63,10 +56,10 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.__pydantic_serializer__.to_json(model), status_code, media_type="application/json")
 
 
-def _check_model(requested: str | None, runtime: Runtime) -> None:
-    if requested is not None and requested != runtime.model_name:
+def _check_model(requested: str | None, card: ServedModel) -> None:
+    if requested is not None and requested != card.name:
         raise NotFound(
-            f"The model does not exist here; this server serves '{runtime.model_name}'.",
+            f"The model does not exist here; this server serves '{card.name}'.",
             param="model",
             code="model_not_found",
         )
@@ -109,32 +102,55 @@ async def _until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
         task.cancel()
 
 
-async def _prepare(
-    fn: Callable[[Any, Runtime, float], Prepared], body: Any, request: Request, runtime: Runtime
-) -> Prepared:
+@dataclass(frozen=True)
+class _Generation:
+    """What a generation endpoint needs besides its body; the dependencies answer 503 before any
+    work while the model loads, the ranks restart or the server drains."""
+
+    request: Request
+    settings: Settings
+    card: ServedModel
+    client: EngineClient
+    admission: Admission
+    record: AccessRecord
+
+
+def _generation(
+    request: Request,
+    state: StateDep,
+    card: CardDep,
+    client: ClientDep,
+    admission: AdmissionDep,
+    record: RecordDep,
+) -> _Generation:
+    return _Generation(request, state.settings, card, client, admission, record)
+
+
+GenerationDep = Annotated[_Generation, Depends(_generation)]
+
+
+Preparer = Callable[[Any, ServedModel, Settings, float], Prepared]  # prepare_chat, prepare_completion
+
+
+async def _prepare(fn: Preparer, body: Any, g: _Generation) -> Prepared:
     now = time.monotonic()
-    large = int(request.headers.get("content-length") or 0) > INLINE_BODY_BYTES
+    large = int(g.request.headers.get("content-length") or 0) > INLINE_BODY_BYTES
     # a grammar may compile for tens of milliseconds the first time: not on the event loop
     constrained = any(getattr(body, f, None) is not None for f in _CONSTRAINED_BY)
     if large or constrained:
-        return await asyncio.to_thread(fn, body, runtime, now)
-    return fn(body, runtime, now)
+        return await asyncio.to_thread(fn, body, g.card, g.settings, now)
+    return fn(body, g.card, g.settings, now)
 
 
-async def _generate(
-    prep: Prepared,
-    request: Request,
-    runtime: Runtime,
-    client: EngineClient,
-    admission: Admission,
-    record: AccessRecord,
-) -> Response:
+async def _generate(fn: Preparer, body: Any, g: _Generation) -> Response:
+    _check_model(body.model, g.card)
+    prep = await _prepare(fn, body, g)
+    request, client, record = g.request, g.client, g.record
     ids = tuple(r.request_id for r in prep.requests)
-    ticket = admission.admit(ids, prep.num_choices, prep.prompt_tokens, time.monotonic())  # or 429 now
-    if runtime.settings.log_prompts:  # off by default: prompts and outputs stay out of the logs
-        prompts = [
-            runtime.tokenizer.decode(r.prompt_token_ids, skip_special_tokens=False) for r in prep.requests
-        ]
+    ticket = g.admission.admit(ids, prep.num_choices, prep.prompt_tokens, time.monotonic())  # or 429 now
+    if g.settings.log_prompts:  # off by default: prompts and outputs stay out of the logs
+        tok = g.card.tokenizer
+        prompts = [tok.decode(r.prompt_token_ids, skip_special_tokens=False) for r in prep.requests]
         record.texts = {"prompts": prompts, "outputs": [""] * prep.num_choices}
     tally = Tally(prep, ticket, record)
     outputs = outputs_of(client, prep.requests)
@@ -164,76 +180,50 @@ async def _generate(
 
 
 @api.post("/v1/chat/completions", response_model=None, responses={200: {"model": r.ChatCompletionResponse}})
-async def chat_completions(
-    body: p.ChatCompletionRequest,
-    request: Request,
-    runtime: RuntimeDep,
-    client: ClientDep,
-    admission: AdmissionDep,
-    record: RecordDep,
-) -> Response:
-    _check_model(body.model, runtime)
-    prep = await _prepare(prepare_chat, body, request, runtime)
-    return await _generate(prep, request, runtime, client, admission, record)
+async def chat_completions(body: p.ChatCompletionRequest, g: GenerationDep) -> Response:
+    return await _generate(prepare_chat, body, g)
 
 
 @api.post("/v1/completions", response_model=None, responses={200: {"model": r.CompletionResponse}})
-async def completions(
-    body: p.CompletionRequest,
-    request: Request,
-    runtime: RuntimeDep,
-    client: ClientDep,
-    admission: AdmissionDep,
-    record: RecordDep,
-) -> Response:
-    _check_model(body.model, runtime)
-    prep = await _prepare(prepare_completion, body, request, runtime)
-    return await _generate(prep, request, runtime, client, admission, record)
+async def completions(body: p.CompletionRequest, g: GenerationDep) -> Response:
+    return await _generate(prepare_completion, body, g)
 
 
 # ---- models and tokens -------------------------------------------------------------------------
 
 
 @api.get("/v1/models", response_model=r.ModelList)
-async def list_models(runtime: RuntimeDep) -> Response:
-    card = r.ModelCard(id=runtime.model_name, root=runtime.model_name, max_model_len=runtime.max_model_len)
-    return _json(r.ModelList(data=[card]))
+async def list_models(card: CardDep) -> Response:
+    model = r.ModelCard(id=card.name, root=card.name, max_model_len=card.max_model_len)
+    return _json(r.ModelList(data=[model]))
 
 
 @api.post("/tokenize", response_model=r.TokenizeResponse)
-async def tokenize(body: p.TokenizeRequest, runtime: RuntimeDep) -> Response:
-    _check_model(body.model, runtime)
-    tok = runtime.tokenizer
+async def tokenize(body: p.TokenizeRequest, card: CardDep) -> Response:
+    _check_model(body.model, card)
+    tok = card.tokenizer
     if body.messages is not None:
-        try:
-            text = tok.apply_chat_template(
-                p.template_messages(body.messages),
-                add_generation_prompt=body.add_generation_prompt,
-                **template_kwargs(body.chat_template_kwargs),
-            )
-        except ChatTemplateError as e:
-            raise InvalidRequest(f"{str(e)[:300]}.", param="messages") from None
+        text = render_chat(
+            tok,
+            template_messages(body.messages),
+            add_generation_prompt=body.add_generation_prompt,
+            kwargs=body.chat_template_kwargs,
+        )
         ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     else:
         add = True if body.add_special_tokens is None else body.add_special_tokens
         ids = tok.encode(body.prompt or "", add_special_tokens=add)
     strs = [tok.token_text(i) for i in ids] if body.return_token_strs else None
     return _json(
-        r.TokenizeResponse(count=len(ids), max_model_len=runtime.max_model_len, tokens=ids, token_strs=strs)
+        r.TokenizeResponse(count=len(ids), max_model_len=card.max_model_len, tokens=ids, token_strs=strs)
     )
 
 
 @api.post("/detokenize", response_model=r.DetokenizeResponse)
-async def detokenize(body: p.DetokenizeRequest, runtime: RuntimeDep) -> Response:
-    _check_model(body.model, runtime)
-    tok = runtime.tokenizer
-    vocab = min(tok.vocab_size, runtime.config.vocab_size)
-    if body.tokens and max(body.tokens) >= vocab:
-        raise InvalidRequest(
-            f"Token id {max(body.tokens)} is outside the vocabulary (ids must be below {vocab}).",
-            param="tokens",
-        )
-    return _json(r.DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False)))
+async def detokenize(body: p.DetokenizeRequest, card: CardDep) -> Response:
+    _check_model(body.model, card)
+    check_vocab(body.tokens, card.vocab_size, "tokens")
+    return _json(r.DetokenizeResponse(prompt=card.tokenizer.decode(body.tokens, skip_special_tokens=False)))
 
 
 # ---- probes, metrics, the playground -----------------------------------------------------------
@@ -244,8 +234,8 @@ async def health(state: StateDep) -> dict[str, str]:
     """Liveness: the process answers, unless the ranks are gone for good (a restart may help)."""
     if state.load_error is not None:
         raise EngineFailed("The model failed to load; restart the server.")
-    if state.runtime is not None and state.runtime.engine.failed:
-        raise EngineFailed(given_up(state.runtime))
+    if state.card is not None and (health := state.card.health()).state == "failed":
+        raise EngineFailed(health.reason)
     return {"status": "ok"}
 
 
@@ -266,7 +256,7 @@ async def version(state: StateDep) -> dict[str, str]:
         v = metadata.version("shardserve")
     except metadata.PackageNotFoundError:
         v = "unknown"
-    return {"version": v, "compute": state.runtime.compute if state.runtime is not None else "loading"}
+    return {"version": v, "compute": state.card.compute if state.card is not None else "loading"}
 
 
 @public.get("/metrics", include_in_schema=False)

@@ -1,7 +1,8 @@
 """create_app(settings): construction, middleware and routers; serve(settings): uvicorn and the drain.
 
-The lifespan owns the runtime (unless a test injects one): it loads the model in the background so
-that /health answers and /ready says 503 while the ranks start. On SIGTERM/SIGINT serve() does not
+The lifespan owns the serving stack, through the Loader the CLI hands over (app/api/card.py): it
+loads the model in the background so that /health answers and /ready says 503 while the ranks
+start, then keeps only the engine client and the model card. On SIGTERM/SIGINT serve() does not
 let uvicorn close the socket at once: it drains first (readiness and new requests 503, in-flight
 requests get --shutdown-grace seconds, then are cut short with a clean final event), and only then
 stops uvicorn, whose lifespan shutdown stops the ranks."""
@@ -15,7 +16,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import FrameType
 
 import uvicorn
@@ -25,29 +26,24 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from app.api.backpressure import Admission
+from app.api.card import Backend, Loader
 from app.api.connections import ConnectionGuard, GuardedH11Protocol, quiet_accept_errors
 from app.api.deps import ServerState
 from app.api.errors import APIError, error_response, from_validation_error, install_handlers
 from app.api.listen import BACKLOG, bind_listener, connection_budget, raise_open_file_limit
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
-from app.engine.client import EngineClient
-from app.engine.engine import ExecutorFailure
-from app.engine.types import RequestOutput
+from app.engine.client import EngineClient, OutputRouter
+from app.engine.types import ExecutorFailure
 from app.metrics import Metrics
-from app.model.errors import ModelLoadError
-from app.runtime import Runtime, build_runtime, check_before_load
 from app.settings import Settings
 
 log = logging.getLogger("shardserve.server")
 CUT_FLUSH_SECONDS = 2.0  # after the grace: time for cut-short requests to send their final event
 
 
-def create_app(
-    settings: Settings, runtime: Runtime | None = None, *, body_read_timeout: float = 30.0
-) -> FastAPI:
-    """The app. With `runtime` (started and stopped by the caller) it serves that one at once and
-    takes over the runtime's on_outputs hook; without, its lifespan loads and stops one."""
+def create_app(settings: Settings, loader: Loader, *, body_read_timeout: float = 30.0) -> FastAPI:
+    """The app; its lifespan loads the model through `loader` and shuts the stack down at the end."""
     state = ServerState(
         settings,
         Admission(
@@ -61,18 +57,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        if runtime is not None:
-            _attach(state, runtime, loop)
-            yield
-            return
-        loader = asyncio.create_task(_load(state, loop))
+        task = asyncio.create_task(_load(state, loader, OutputRouter(asyncio.get_running_loop())))
         try:
             yield
         finally:
-            await asyncio.shield(loader)  # a thread cannot be interrupted: let the load finish, then stop
-            if state.runtime is not None:
-                await asyncio.to_thread(state.runtime.shutdown)
+            backend = await asyncio.shield(task)  # a thread cannot be interrupted: let the load finish
+            if backend is not None:
+                await asyncio.to_thread(backend.shutdown)
 
     # No redirect_slashes: Starlette builds that redirect's URL from the Host header, so
     # `POST /v1/completions/` with `Host: evil.example` answered 307 to evil.example; now a 404.
@@ -102,44 +93,10 @@ def create_app(
     return app
 
 
-class _Relay:
-    """The engine's on_outputs hook until a client exists; whatever build_runtime wraps around it
-    (metrics) stays in place."""
-
-    def __init__(self) -> None:
-        self.target: Callable[[list[RequestOutput]], None] | None = None
-
-    def __call__(self, outputs: list[RequestOutput]) -> None:
-        if self.target is not None:
-            self.target(outputs)
-
-
-def _attach(
-    state: ServerState, runtime: Runtime, loop: asyncio.AbstractEventLoop, relay: _Relay | None = None
-) -> None:
+async def _load(state: ServerState, loader: Loader, router: OutputRouter) -> Backend | None:
     metrics = state.metrics
-    client = EngineClient(runtime.engine, loop, on_request=metrics.request_added)
-    if relay is not None:  # build_runtime already observes outputs and steps into the metrics
-        relay.target = client.deliver
-    else:  # an injected runtime: the engine thread reads its hooks at every step, so outputs come here now
-        runtime.engine.hooks.on_outputs = lambda outs: (metrics.observe_outputs(outs), client.deliver(outs))
-        runtime.engine.hooks.on_step = metrics.observe_step
-        metrics.bind_engine(runtime.engine.stats)
-        runtime.metrics = metrics  # pool restarts and rank gauges
-        runtime.report_ranks(runtime.ready)
-    metrics.model_name = runtime.model_name  # the label of every series: the id /v1/models lists
-    metrics.model_info.info(
-        {"model": runtime.model_name, "architecture": runtime.config.architecture, "dtype": runtime.dtype,
-         "tp": str(state.settings.tp), "max_model_len": str(runtime.max_model_len)}
-    )  # fmt: skip
-    state.runtime, state.client = runtime, client
-
-
-async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
-    relay = _Relay()
     try:
-        runtime = await asyncio.to_thread(build_runtime, state.settings, relay, metrics=state.metrics)
-        await asyncio.to_thread(runtime.start)
+        backend = await asyncio.to_thread(loader, metrics, router.deliver)
     except Exception as e:  # a model that does not load ends the server, non-zero
         # one line that names the file and the problem; the traceback only with --debug
         known = isinstance(e, (ValueError, OSError, ExecutorFailure))
@@ -148,14 +105,17 @@ async def _load(state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
         )
         state.load_error = str(e)
         state.request_exit()
-        return
-    _attach(state, runtime, loop, relay)
+        return None
+    card = backend.card
+    state.client = EngineClient(backend.engine, router, on_request=metrics.request_added)
+    state.card = card
     where = ""
-    if state.url is not None:  # after Uvicorn's own "running on" line, which comes before the model
+    if state.url is not None:  # after Uvicorn's own start-up lines, which come before the model
         await state.listening.wait()
         where = f"; playground {state.url}/, API docs {state.url}/docs"
-    log.info("ready: %s (%s, tp %d, context %d); compute: %s%s", runtime.model_name, runtime.dtype,
-             state.settings.tp, runtime.max_model_len, runtime.compute, where)  # fmt: skip
+    log.info("ready: %s (%s, tp %d, context %d); compute: %s%s",
+             card.name, card.dtype, card.tp, card.max_model_len, card.compute, where)  # fmt: skip
+    return backend
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -246,24 +206,24 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(
-    settings: Settings, sock: socket.socket | None = None, *, nofile: int | None = None, debug: bool = False
+    settings: Settings,
+    loader: Loader,
+    sock: socket.socket | None = None,
+    *,
+    nofile: int | None = None,
+    debug: bool = False,
 ) -> int:
     """Serve until SIGTERM/SIGINT and a drain; 0 on a clean stop, 1 if the model failed to load.
 
     `sock` is the listening socket if the caller bound it already (the CLI does, before importing
-    this module), `nofile` the open-file limit it raised. What can be refused before the model
-    loads is refused here, with nothing spawned: a ValueError / OSError for the CLI to print.
-    Connections go through app/api/connections.py: a deadline for each request head, and a cap
-    that closes idle connections first."""
+    this module, and checks what it can before the model loads), `nofile` the open-file limit it
+    raised. Connections go through app/api/connections.py: a deadline for each request head, and
+    a cap that closes idle connections first."""
     if nofile is None:
         nofile = raise_open_file_limit()
     if sock is None:
         sock = bind_listener(settings.host, settings.port)
-    try:
-        check_before_load(settings)
-    except ModelLoadError as e:
-        raise ModelLoadError(f"the model failed to load: {e}") from e
-    app = create_app(settings)
+    app = create_app(settings, loader)
     state: ServerState = app.state.shardserve
     state.debug = debug
     cap, accept_batch = connection_budget(settings.max_connections, nofile)

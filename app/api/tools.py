@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.api.errors import InvalidRequest
-from app.api.protocol import ChatCompletionRequest, ChatTool
+from app.api.messages import ChatTool
+from app.api.protocol import ChatCompletionRequest
 from app.api.tool_parsers import HermesParser
 from app.engine.grammar import JSON_STYLE
 from app.engine.types import GrammarSpec

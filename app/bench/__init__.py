@@ -8,16 +8,7 @@ TARGETS = ("engine", "kernels", "serve", "structured", "report", "peers", "accur
 
 
 def bench_command(target: str, argv: list[str]) -> int:
-    """Run app/bench/<target>.py's main(argv); a target whose module is not written yet says so."""
+    """Run app/bench/<target>.py's main(argv)."""
     if target not in TARGETS:
         raise ValueError(f"unknown bench target {target!r}; choose one of {', '.join(TARGETS)}")
-    name = f"app.bench.{target}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:  # a missing dependency inside the module is a real error
-            raise
-        raise NotImplementedError(
-            f"`shardserve bench {target}` is not built yet ({name} is missing)"
-        ) from None
-    return module.main(list(argv))
+    return importlib.import_module(f"app.bench.{target}").main(list(argv))

@@ -15,9 +15,9 @@ from app.kernels import CpuKernels, available_isas
 from app.layers.attention import build_kernel_metadata, build_spans
 from app.layers.parallel import TPContext
 from app.model.loader import LoadedModel, load_model
-from app.model.registry_names import ensure_model
+from app.model.store import ensure_model
 from app.settings import Settings
-from app.tokenizer import Tokenizer
+from app.tokenizer.tokenizer import Tokenizer
 from app.worker.comm import SingleCommunicator
 
 PROMPTS = (

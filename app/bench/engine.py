@@ -8,7 +8,7 @@
 4. The model's linear layers alone (its QuantLinear modules, loaded again in this process) on
    random input of a batch-16 decode step's shape: the step / linears ratio (target <= 1.3).
 
-Everything runs through build_runtime, as `serve` does, but the engine is stepped synchronously
+Everything runs through build_stack, as `serve` does, but the engine is stepped synchronously
 with Engine.run_once(), so only the engine is measured. The prefix cache is reset before each run:
 no run's prompts hit blocks another run left behind."""
 
@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from app.engine.engine import StepStats
-from app.engine.types import GenerateRequest, RequestOutput, SamplingParams
+from app.engine.types import GenerateRequest, RequestOutput, SamplingParams, StepStats
 from app.layers.embedding import VocabParallelEmbedding
 from app.layers.linear import QuantLinear
 from app.layers.parallel import TPContext
 from app.model.loader import load_model
-from app.runtime import Runtime, build_runtime
 from app.settings import Settings
+from app.stack import Stack, build_stack
 from app.worker.comm import SingleCommunicator
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -80,12 +79,12 @@ def sparkline(values: list[int], top: int, width: int = 24) -> str:
 
 
 class Driver:
-    """Owns a Runtime whose engine it steps itself; collects outputs and step stats by hook."""
+    """Owns a Stack whose engine it steps itself; collects outputs and step stats by hook."""
 
     def __init__(self, settings: Settings) -> None:
         self.outputs: list[RequestOutput] = []
         self.steps: list[StepStats] = []
-        self.rt: Runtime = build_runtime(settings, on_outputs=self.outputs.extend, on_step=self.steps.append)
+        self.rt: Stack = build_stack(settings, on_outputs=self.outputs.extend, on_step=self.steps.append)
         self.rt.pool.start()
 
     def close(self) -> None:
@@ -129,7 +128,7 @@ class Driver:
 
 def random_prompts(driver: Driver, count: int, length: int, seed: int) -> list[list[int]]:
     tok, rng = driver.rt.tokenizer, random.Random(seed)
-    vocab = [i for i in range(min(tok.vocab_size, driver.rt.config.vocab_size)) if not tok.is_special(i)]
+    vocab = [i for i in range(driver.rt.card.vocab_size) if not tok.is_special(i)]
     return [[rng.choice(vocab) for _ in range(length)] for _ in range(count)]
 
 
@@ -140,7 +139,7 @@ def requests(
     return [GenerateRequest(f"{tag}-{i}", tuple(p), params, 0.0) for i, p in enumerate(prompts)]
 
 
-def linears_ms(rt: Runtime, batch: int, repeat: int) -> float:
+def linears_ms(rt: Stack, batch: int, repeat: int) -> float:
     """Median time of every linear layer a decode step runs (qkv, o, gate_up, down per layer and the
     LM head), on the model's own QuantLinear modules, input [batch, in_features] of random values."""
     loaded = load_model(rt.model_path, rt.dtype, TPContext(0, 1), SingleCommunicator())

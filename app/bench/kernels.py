@@ -23,7 +23,7 @@ from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
 from app.kernels import CpuKernels, available_isas
 from app.layers.quant import Float32, Half16, Int8BitsAndBytes, Int8WeightOnlyCPU, WeightFormat, weight_format
 from app.model.loader import read_config
-from app.model.registry_names import ensure_model
+from app.model.store import ensure_model
 from app.settings import Settings
 
 
@@ -136,7 +136,7 @@ def decode_step_table(
     paths: list[str],
     ctx: int = 128,
 ) -> list[dict]:
-    from app.worker.pool import PoolConfig, WorkerPool
+    from app.worker.pool import WorkerPool
 
     bs, prefill = 16, 512
     rows = []
@@ -144,16 +144,15 @@ def decode_step_table(
         for tp, dtype in ((tp, dtype) for tp in tps for dtype in dtypes):
             blocks_per_seq = ctx // bs + 1
             num_blocks = max(max(batches) * blocks_per_seq, prefill // bs + 1)
-            pool = WorkerPool(
-                PoolConfig(model_path, dtype, tp, num_blocks=num_blocks, block_size=bs,
-                           max_num_batched_tokens=max(prefill, ctx, max(batches)), kernels=path)
-            )  # fmt: skip
+            settings = Settings(tp=tp, block_size=bs, kernels=path,
+                                max_num_batched_tokens=max(prefill, ctx, max(batches)))  # fmt: skip
+            pool = WorkerPool(settings, model_path, dtype, num_blocks)
             pool.start()
             try:
                 params = SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)
                 for b in batches:
                     tables = [tuple(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(b)]
-                    new = tuple(SeqSampling(s, params, (1,) * ctx, ()) for s in range(b))
+                    new = tuple(SeqSampling.of(s, params, 0, (1,) * ctx, ()) for s in range(b))
                     # prefill each sequence's context once, then time decode steps
                     for s in range(b):
                         pool.execute(
@@ -169,7 +168,7 @@ def decode_step_table(
                     pool.execute(StepPlan(2, (), finished_seq_ids=tuple(range(b))))
                 # one prompt of `prefill` tokens in one chunk
                 table = tuple(range(prefill // bs + 1))
-                new = (SeqSampling(0, params, (1,) * prefill, ()),)
+                new = (SeqSampling.of(0, params, 0, (1,) * prefill, ()),)
                 chunk = (SeqChunk(0, (7,) * prefill, 0, table, True, 0),)
                 ms = _median_ms(
                     lambda c=chunk, n=new, p=pool: p.execute(StepPlan(0, c, n)), max(3, repeat // 3)
@@ -218,7 +217,7 @@ def main(argv: list[str]) -> int:
         print("### All linear layers of one decode step\n")
         print(_md(report["linear"], ["format", "batch", "ms", "tok_s"]) + "\n")
 
-        from app.worker.comm_bench import bench_allreduce
+        from app.bench.allreduce import bench_allreduce
 
         ar = bench_allreduce(2, config.hidden_size, 1000)
         report["allreduce"] = ar

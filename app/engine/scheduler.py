@@ -200,7 +200,9 @@ class Scheduler:
         start = seq.num_computed_tokens
         seq.num_computed_tokens = start + n
         if not seq.sent_to_ranks:
-            new_seqs.append(SeqSampling(seq.seq_id, seq.sampling, seq.prompt_token_ids, self.eos_token_ids))
+            new_seqs.append(
+                SeqSampling.of(seq.seq_id, seq.sampling, seq.index, seq.prompt_token_ids, self.eos_token_ids)
+            )
             seq.sent_to_ranks = True
         return SeqChunk(
             seq_id=seq.seq_id,
@@ -249,10 +251,8 @@ class Scheduler:
             kv_blocks_total=bm.num_blocks,
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_cached=bm.num_cached_free_blocks,
-            extra={
-                "preemptions_total": float(self.preemptions_total),
-                "prefix_cache_queries_total": float(bm.prefix_queries),
-                "prefix_cache_hits_total": float(bm.prefix_hits),
-                "kv_cache_usage_ratio": bm.usage_ratio,
-            },
+            kv_cache_usage_ratio=bm.usage_ratio,
+            preemptions_total=self.preemptions_total,
+            prefix_cache_queries_total=bm.prefix_queries,
+            prefix_cache_hits_total=bm.prefix_hits,
         )

@@ -7,11 +7,10 @@ link between them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
-from app.engine.types import FinishReason, GenerateRequest, SamplingParams
+from app.engine.types import FinishReason, GenerateRequest, GrammarMatcher, SamplingParams
 
 
 class SeqStatus(Enum):
@@ -60,24 +59,23 @@ class Sequence:
     finish_reason: FinishReason | None = None  # set by the engine's output loop
     # llguidance matcher of a constrained sequence (app/engine/grammar.py): fed every sampled token,
     # it gives the mask of the next one. Kept across preemption: output tokens are never taken back.
-    matcher: Any = None
+    matcher: GrammarMatcher | None = None
 
     @classmethod
-    def from_request(cls, req: GenerateRequest, index: int, seq_id: int) -> Sequence:
-        sampling = req.sampling
-        if sampling.seed is not None and index:
-            # Each choice draws its own stream, or the n choices of a seeded request would be n
-            # copies; seed + index as vLLM does, so choice 0 matches the same request with n = 1.
-            sampling = replace(sampling, seed=sampling.seed + index)
+    def from_request(
+        cls, req: GenerateRequest, index: int, seq_id: int, matcher: GrammarMatcher | None = None
+    ) -> Sequence:
+        """Choice `index` of a request; a constrained request's choice comes with its own matcher."""
         return cls(
             seq_id=seq_id,
             request_id=req.request_id,
             index=index,
             prompt_token_ids=tuple(req.prompt_token_ids),
-            sampling=sampling,
+            sampling=req.sampling,
             arrival_time=req.arrival_time,
             priority=req.priority,
             deadline=req.deadline,
+            matcher=matcher,
         )
 
     @property
@@ -100,10 +98,6 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return [*self.prompt_token_ids, *self.output_token_ids]
-
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
     @property
     def is_decoding(self) -> bool:

@@ -1,13 +1,18 @@
-"""Plain, frozen types that cross a boundary: HTTP -> engine -> ranks -> engine -> HTTP.
+"""The engine's boundary: the plain, frozen types that cross it (HTTP -> engine -> ranks -> engine
+-> HTTP), the failure it reports, and the Protocols of what it drives (executor, tokenizer,
+detokenizer, grammar matcher) without importing them.
 
 Nothing here holds a tensor: these values are pickled to rank processes and put on asyncio
-queues, so they stay small, immutable and torch-free.
+queues, so they stay small, immutable and torch-free. Whoever needs one of these types imports
+this module, never the engine loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from enum import Enum
+from typing import Literal, Protocol
 
 
 class FinishReason(str, Enum):
@@ -25,8 +30,8 @@ GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling, validated by the API before it reaches the engine."""
+class SamplerParams:
+    """What rank 0's sampler reads of a choice's sampling; nothing else of a request reaches it."""
 
     temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW) means greedy
     top_p: float = 1.0  # in (0, 1]
@@ -37,15 +42,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2], OpenAI semantics (output tokens only)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids already checked
     seed: int | None = None  # a seeded choice samples the same tokens whatever its batch neighbours
-    n: int = 1  # independent choices sharing one prompt
-    max_tokens: int = 16  # already clipped to the context by the API
-    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens exist
-    stop: tuple[str, ...] = ()  # stop strings, never emitted unless include_stop_str_in_output
-    stop_token_ids: tuple[int, ...] = ()  # extra end ids besides the model's
-    ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled one plus k top alternatives
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
+    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens exist
 
     @property
     def greedy(self) -> bool:
@@ -55,13 +53,30 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SamplingParams(SamplerParams):
+    """Per-request sampling, decided by the API (app/api/prepare.py) before it reaches the engine:
+    what the sampler reads, and what the engine's output loop reads besides."""
+
+    n: int = 1  # independent choices sharing one prompt
+    max_tokens: int = 16  # decided once by the API, within the context
+    stop: tuple[str, ...] = ()  # stop strings, never emitted unless include_stop_str_in_output
+    stop_token_ids: tuple[int, ...] = ()  # extra end ids besides the model's
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+# "json_schema" (source: the schema as JSON text), "regex", "choice" (a JSON list of strings),
+# "grammar" (Lark or llama.cpp's GBNF, detected by the compiler), "lark" (llguidance's own Lark,
+# which the API writes for tool calls)
+GrammarKind = Literal["json_schema", "regex", "choice", "grammar", "lark"]
+
+
+@dataclass(frozen=True)
 class GrammarSpec:
-    """What a constrained choice's output must match; compiled by app/engine/grammar.py.
+    """What a constrained choice's output must match; compiled by app/engine/grammar.py."""
 
-    kind is one of: "json_schema" (source: the schema as JSON text), "regex", "choice" (a JSON
-    list of strings), "grammar" (Lark or llama.cpp's GBNF, detected by the compiler)."""
-
-    kind: str
+    kind: GrammarKind
     source: str
 
 
@@ -86,9 +101,23 @@ class SeqSampling:
     """What rank 0 needs to sample for a sequence; sent once, when the sequence first runs."""
 
     seq_id: int
-    params: SamplingParams
-    prompt_token_ids: tuple[int, ...]  # for the repetition penalty
-    eos_token_ids: tuple[int, ...]  # masked while fewer than min_tokens exist (unless ignore_eos)
+    params: SamplerParams
+    prompt_token_ids: tuple[int, ...]  # for the repetition penalty; empty without one
+    end_token_ids: tuple[int, ...]  # masked while fewer than min_tokens exist
+
+    @classmethod
+    def of(
+        cls, seq_id: int, sampling: SamplingParams, index: int, prompt: tuple[int, ...], eos: tuple[int, ...]
+    ) -> SeqSampling:
+        """What the sampler reads of choice `index` of a request; the one place it is chosen."""
+        p = sampling
+        params = SamplerParams(**{f.name: getattr(p, f.name) for f in fields(SamplerParams)})
+        if p.seed is not None:
+            # Each choice draws its own stream, or the n choices of a seeded request would be n
+            # copies; seed + index as vLLM does, so choice 0 matches the same request with n = 1.
+            params = replace(params, seed=p.seed + index)
+        ends = (*p.stop_token_ids, *(() if p.ignore_eos else eos)) if p.min_tokens else ()
+        return cls(seq_id, params, prompt if p.repetition_penalty != 1.0 else (), ends)
 
 
 @dataclass(frozen=True)
@@ -176,7 +205,7 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot for /metrics and /ready, made by the engine thread."""
+    """A snapshot for /metrics, published by the engine thread after every change."""
 
     running: int = 0
     waiting: int = 0
@@ -184,4 +213,89 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     kv_blocks_cached: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    kv_cache_usage_ratio: float = 0.0  # blocks held by sequences / all (cached, unheld ones are free)
+    preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # prompt tokens found there
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did, for metrics (made by the engine thread, handed to its on_step hook)."""
+
+    duration: float
+    num_seqs: int
+    num_tokens: int
+    preemptions_total: int
+
+
+# ---- what the engine drives, as Protocols ---------------------------------------------------
+
+
+class ExecutorFailure(RuntimeError):
+    """Raised by an executor whose ranks failed; the engine ends in-flight work with ERROR."""
+
+
+class Executor(Protocol):
+    """The worker pool as the engine sees it (app/worker/pool.py), torch-free."""
+
+    def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput:
+        """Run a step. With plan.masked_seq_ids, masks() gives their token bitmasks; the executor
+        calls it once the ranks have the plan, so the masks are computed during the forward."""
+        ...
+
+    def check_alive(self) -> str | None:
+        """None while every rank lives, else which one died and how."""
+        ...
+
+    def mark_down(self, reason: str) -> None:
+        """The first word of a failure, said before the engine fails the requests in flight."""
+        ...
+
+    def restart(self, reason: str) -> bool:
+        """Bring the ranks back after a failure; False: given up (the engine fails for good)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Health:
+    """What /health and /ready say of the engine and its ranks."""
+
+    state: Literal["up", "restarting", "failed"]
+    reason: str = ""  # with "failed": what failed, and that restarts did not help
+
+
+class TokenDecoder(Protocol):
+    """What the engine's output loop and the detokenizer read of a tokenizer
+    (app/tokenizer/tokenizer.py implements it; the engine imports no tokenizers library)."""
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def is_special(self, token_id: int) -> bool: ...
+
+    def is_byte_fallback(self, token_id: int) -> bool: ...
+
+
+class Detokenizer(Protocol):
+    """Token ids in, UTF-8-complete text out (app/tokenizer/detokenizer.py)."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+# (tokenizer, skip_special_tokens) -> a fresh Detokenizer for one sequence
+DetokenizerFactory = Callable[[TokenDecoder, bool], Detokenizer]
+
+
+class GrammarMatcher(Protocol):
+    """One constrained sequence's grammar state (an llguidance LLMatcher, app/engine/grammar.py)."""
+
+    def consume_token(self, token_id: int) -> bool: ...
+
+    def get_error(self) -> str: ...

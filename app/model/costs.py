@@ -101,8 +101,8 @@ class ModelCosts:
         return sum(self.params.values())
 
 
-class _NoComm:
-    """Stands in for the communicator: a meta-built model is laid out, never run."""
+class NoComm:
+    """Stands in for the communicator of a model that is built (laid out, loaded), never run."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -123,7 +123,7 @@ def build_meta_model(
     # The rotary cos/sin tables are built on a model's first forward, so this costs nothing for
     # them; learned position tables (GPT-2) are weights and are laid out like any other.
     try:
-        return model_class(config.architecture)(config, TPContext(rank, tp), _NoComm(rank, tp), fmt)
+        return model_class(config.architecture)(config, TPContext(rank, tp), NoComm(rank, tp), fmt)
     except RopeScalingError as e:
         raise ModelLoadError(str(e)) from None
 

@@ -5,7 +5,7 @@ authors tuned them: SmolLM2 at OpenAI's temperature 1.0 rambles), then OpenAI's.
 from generation_config.json (`auto`), or not at all (`vllm`), or from another directory; an
 override JSON goes on top. A GGUF carries no generation config, so a built-in model's registry
 entry carries the defaults of its model card. The request side reads the result from
-`Tokenizer.generation_defaults` (app/api/protocol.py picks client value, then these, then OpenAI's).
+`Tokenizer.generation_defaults` (app/api/prepare.py picks client value, then these, then OpenAI's).
 """
 
 from __future__ import annotations
@@ -15,16 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from app.model.errors import reading_model
-
-# generation_config.json's name -> the sampling parameter it sets (vLLM's get_diff_sampling_param)
-KEYS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
+from app.settings import GENERATION_KEYS
 
 
 def read_generation_config(directory: Path) -> dict[str, float]:
@@ -35,23 +26,7 @@ def read_generation_config(directory: Path) -> dict[str, float]:
     with reading_model(path):
         data = dict(json.loads(path.read_text(encoding="utf-8")))
     number = (int, float)
-    return {k: v for k in KEYS if isinstance(v := data.get(k), number) and not isinstance(v, bool)}
-
-
-def check_choice(choice: str) -> str:
-    if (
-        choice not in ("auto", "vllm")
-        and not (Path(choice).expanduser() / "generation_config.json").is_file()
-    ):
-        raise ValueError(f"{choice!r} is not auto, vllm or a directory holding a generation_config.json")
-    return choice
-
-
-def check_override(override: Mapping[str, float]) -> Mapping[str, float]:
-    unknown = sorted(set(override) - set(KEYS))
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(KEYS)}")
-    return override
+    return {k: v for k in GENERATION_KEYS if isinstance(v := data.get(k), number) and not isinstance(v, bool)}
 
 
 def sampling_defaults(
@@ -75,4 +50,4 @@ def sampling_defaults(
         gen, source = read_generation_config(directory), str(directory / "generation_config.json")
     if override:
         source += " + --override-generation-config"
-    return {KEYS[k]: v for k, v in {**gen, **override}.items()}, source
+    return {GENERATION_KEYS[k]: v for k, v in {**gen, **override}.items()}, source

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.model.errors import ModelLoadError
+from app.settings import Settings
 
 # what app/model/config.py and app/tokenizer.py read from a model directory
 METADATA_FILES = (
@@ -48,6 +49,10 @@ class HubOptions:
     token: str | None = None  # None: HF_TOKEN or the saved login, as huggingface_hub decides
     cache_dir: Path | None = None  # None: HF_HUB_CACHE (vLLM's --download-dir sets it)
     progress: bool = True  # download bars (huggingface_hub's); off when stderr is not a terminal
+
+    @classmethod
+    def of(cls, settings: Settings, progress: bool = True) -> HubOptions:
+        return cls(settings.revision, settings.hf_token, settings.download_dir, progress)
 
 
 def is_hub_id(spec: str) -> bool:

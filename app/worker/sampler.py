@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.types import NO_TOKEN, SampledToken, SamplingParams, SeqSampling
+from app.engine.types import NO_TOKEN, SampledToken, SamplerParams, SeqSampling
 
 
 @dataclass
 class _SeqState:
-    params: SamplingParams
-    eos_ids: tuple[int, ...]
+    params: SamplerParams
+    end_ids: tuple[int, ...]  # banned while fewer than min_tokens exist
     prompt_ids: torch.Tensor  # long, for the repetition penalty
     output_counts: dict[int, int] = field(default_factory=dict)
 
@@ -41,7 +41,7 @@ class Sampler:
 
     def add(self, seq: SeqSampling) -> None:
         self.states[seq.seq_id] = _SeqState(
-            seq.params, seq.eos_token_ids, torch.tensor(seq.prompt_token_ids, dtype=torch.long)
+            seq.params, seq.end_token_ids, torch.tensor(seq.prompt_token_ids, dtype=torch.long)
         )
 
     def drop(self, seq_id: int) -> None:
@@ -60,10 +60,8 @@ class Sampler:
             ids = torch.tensor(list(st.output_counts))
             counts = torch.tensor(list(st.output_counts.values()), dtype=x.dtype)
             x.index_add_(0, ids, -(p.frequency_penalty * counts + p.presence_penalty))
-        if n_out < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(st.eos_ids))
-            if banned:
-                x[torch.tensor(banned)] = float("-inf")
+        if n_out < p.min_tokens and st.end_ids:
+            x[torch.tensor(st.end_ids)] = float("-inf")
 
     def sample(
         self,
@@ -125,7 +123,7 @@ class Sampler:
         return out
 
     @staticmethod
-    def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def _probs(logits: torch.Tensor, params: list[SamplerParams]) -> torch.Tensor:
         """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
         logits = logits / temps
@@ -155,7 +153,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(tok, last)[:, 0]
 
 
-def _top_k_top_p(x: torch.Tensor, params: list[SamplingParams], candidates: int = 1024) -> torch.Tensor:
+def _top_k_top_p(x: torch.Tensor, params: list[SamplerParams], candidates: int = 1024) -> torch.Tensor:
     """x [R, V] with every token outside its row's top-k and top-p sets at -inf.
 
     top-p keeps the smallest set of most likely tokens whose mass reaches top_p (the token crossing

@@ -31,6 +31,7 @@ from app.kernels import describe, load_kernels
 from app.layers.parallel import TPContext
 from app.model.loader import load_model
 from app.model.memory import kv_cache_dtype
+from app.settings import Settings
 from app.worker.comm import init_distributed, make_communicator
 from app.worker.faults import Fault
 from app.worker.runner import ModelRunner
@@ -39,26 +40,28 @@ log = logging.getLogger("shardserve.worker")
 
 
 @dataclass(frozen=True)
-class WorkerArgs:
-    """Everything a rank needs, fixed by the pool before spawning."""
+class RankLaunch:
+    """What the pool decided for one launch of the ranks (Settings say the rest)."""
 
     model_path: Path
-    dtype: str
-    device: str
-    world_size: int
+    dtype: str  # resolved: never "auto"
+    num_blocks: int  # KV cache blocks, sized by the stack from memory or --kv-cache-tokens
     init_method: str  # torch.distributed rendezvous, tcp://host:port
     shm_name: str | None  # the pool's shared-memory segment (CPU ranks on one machine)
-    num_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
     threads: int
-    seed: int
-    comm_timeout: float
     # Some ranks live in other process trees (other pods/machines, joined through --dist-init):
     # plans then reach every rank through a torch.distributed broadcast from rank 0 instead of
     # pipes, and the per-layer collectives use gloo/NCCL instead of shared memory.
     remote: bool = False
-    kernels: str = "auto"  # compute path (app/kernels.resolve); CPU ranks only
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """Everything a rank needs, fixed by the pool before spawning: the server's Settings (tp,
+    device, kernels, block size, step budget, seed, step timeout) and this launch."""
+
+    settings: Settings
+    launch: RankLaunch
 
 
 @dataclass(frozen=True)
@@ -94,31 +97,36 @@ def worker_main(
             init_distributed(Device.resolve(remote.device, rank), rank, remote.world_size, remote.init_method)
             args = _broadcast(None)
             if remote.model_path is not None:
-                args = dataclasses.replace(args, model_path=remote.model_path)
+                args = dataclasses.replace(
+                    args, launch=dataclasses.replace(args.launch, model_path=remote.model_path)
+                )
         else:
-            torch.set_num_threads(args.threads)
-            init_distributed(Device.resolve(args.device, rank), rank, args.world_size, args.init_method)
-            if args.remote:
+            torch.set_num_threads(args.launch.threads)
+            init_distributed(
+                Device.resolve(args.settings.device, rank), rank, args.settings.tp, args.launch.init_method
+            )
+            if args.launch.remote:
                 args = _broadcast(args)
-        device = Device.resolve(args.device, rank)
+        s, launch = args.settings, args.launch
+        device = Device.resolve(s.device, rank)
         comm = make_communicator(
             device,
             rank,
-            args.world_size,
-            shm_name=args.shm_name,
-            local=args.shm_name is not None,
-            max_elems=args.max_num_batched_tokens * 8192,
-            timeout_s=args.comm_timeout,
+            s.tp,
+            shm_name=launch.shm_name,
+            local=launch.shm_name is not None,
+            max_elems=s.max_num_batched_tokens * 8192,
+            timeout_s=s.step_timeout,
         )
-        kernels = load_kernels(args.kernels, args.threads) if device.kind == "cpu" else None
+        kernels = load_kernels(s.kernels, launch.threads) if device.kind == "cpu" else None
         if kernels is not None:
             # The kernels' own team computes everything heavy; torch's OpenMP threads would only
             # add wake-ups (~56 us each, passive) to the small element-wise ops left to torch.
             torch.set_num_threads(1)
         loaded = load_model(
-            args.model_path,
-            args.dtype,
-            TPContext(rank, args.world_size),
+            launch.model_path,
+            launch.dtype,
+            TPContext(rank, s.tp),
             comm,
             device=device,
             kernels=kernels,
@@ -126,19 +134,19 @@ def worker_main(
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the KV cache
         fault = Fault.from_env(rank)  # a malformed SHARDSERVE_FAULT is a start-up error
-        kv_dtype = kv_cache_dtype(args.dtype, kernels is not None)
+        kv_dtype = kv_cache_dtype(launch.dtype, kernels is not None)
         runner = ModelRunner(
             loaded,
-            num_blocks=args.num_blocks,
-            block_size=args.block_size,
+            num_blocks=launch.num_blocks,
+            block_size=s.block_size,
             is_driver=rank == 0,
-            seed=args.seed,
+            seed=s.seed,
             kv_dtype=torch.float16 if kv_dtype == "fp16" else torch.float32,
         )
-        if args.remote:
+        if launch.remote:
             torch.distributed.barrier()  # ready only when every rank, local or not, has loaded
         if conn is not None:
-            compute = describe(args.kernels) if device.kind == "cpu" else device.kind
+            compute = describe(s.kernels) if device.kind == "cpu" else device.kind
             if kernels is not None:
                 compute += f", {kernels.threads} thread{'s' * (kernels.threads > 1)}"
             ready = RankReady(
@@ -154,7 +162,7 @@ def worker_main(
             log.error("rank %d failed to start: %s", rank, e)
         log.debug("%s", traceback.format_exc())
         return
-    clean = _serve(rank, runner, conn, args.remote, fault)
+    clean = _serve(rank, runner, conn, launch.remote, fault)
     comm.close()
     with contextlib.suppress(Exception):
         torch.distributed.destroy_process_group()
