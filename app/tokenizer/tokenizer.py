@@ -261,6 +261,18 @@ class Tokenizer:
             return text.replace("▁", " ").encode("utf-8")
         return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
+    def config_info(self, max_model_len: int) -> dict[str, Any]:
+        """What vLLM's /tokenizer_info serves: the tokenizer's configuration as tokenizer_config.json
+        holds it (added tokens by their content, as vLLM flattens them), its class and chat template."""
+        added = self._backend.get_added_tokens_decoder()
+        info: dict[str, Any] = {k: v for k, v in self._special_tokens.items() if v is not None}
+        info["added_tokens_decoder"] = {str(i): t.content for i, t in sorted(added.items())}
+        info["model_max_length"] = max_model_len
+        info["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self.chat_template is not None:
+            info["chat_template"] = self.chat_template
+        return info
+
     # ---- chat ---------------------------------------------------------------------------------
 
     def template_knows_tools(self) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import regex
 from transformers import AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from app.tokenizer import gguf_vocab
 from app.tokenizer.chat_template import ChatTemplateError
@@ -120,6 +121,15 @@ def test_token_text_and_bytes(ours: Tokenizer, reference) -> None:
             assert ours.token_text(i) == reference.convert_tokens_to_string(
                 [reference.convert_ids_to_tokens(i)]
             )
+    # each token's own bytes, pieces of a character included (logprobs' `bytes`): the GGUF token's
+    # spelling read back through transformers' GPT-2 byte map
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    partial = 0
+    for i in ours.encode("🙂🚀✨ 日本語のテキスト。Русский", add_special_tokens=False):
+        raw = bytes(byte_of[c] for c in reference.convert_ids_to_tokens(i))
+        assert ours.token_bytes(i) == raw
+        partial += "\ufffd" in ours.token_text(i)
+    assert partial  # some tokens hold only part of a character
 
 
 def test_hf_directory(tmp_path: Path, reference) -> None:
