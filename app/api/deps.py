@@ -6,6 +6,7 @@ it in the background, so probes answer 503 meanwhile)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class ServerState:
     request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
     debug: bool = False  # --debug: tracebacks in the log (a failed load)
     ignored_fields: IgnoredFields = field(default_factory=IgnoredFields)  # unknown names logged once
+    url: str | None = None  # serve(): where it listens, for the "ready" line
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # set once Uvicorn said it runs
 
     @property
     def draining(self) -> bool:

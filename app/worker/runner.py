@@ -12,6 +12,7 @@ import torch
 from app.engine.types import SampledToken, StepOutput, StepPlan
 from app.layers.attention import build_kernel_metadata, build_spans
 from app.model.loader import LoadedModel
+from app.model.memory import resident_bytes
 from app.worker.prompt_scoring import score_prompts
 from app.worker.sampler import Sampler
 
@@ -64,6 +65,12 @@ class ModelRunner:
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_storage.numel() * self.kv_storage.element_size()
+
+    def kv_cache_resident_bytes(self) -> int | None:
+        """The part of the KV reservation in RAM now (CPU; a device's memory is all taken at once)."""
+        if self.kv_storage.device.type != "cpu":
+            return self.kv_cache_bytes
+        return resident_bytes(self.kv_storage.data_ptr(), self.kv_cache_bytes)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput | None:
