@@ -14,7 +14,7 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["bindings.cpp", "isa_avx2.cpp", "isa_avx512.cpp"]
+SOURCES = ["bindings.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_avx512vnni.cpp"]
 # -ffp-contract=off: every fused multiply-add is written in the source; the compiler must not add
 # any, or the AVX2 and AVX-512 builds (and the reduction order the kernels promise) would differ.
 # No -march: the ISA of each file is set by its own `#pragma GCC target`.

@@ -122,10 +122,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
-    kernels: Literal["auto", "avx512", "avx2", "torch"] = Field(
+    kernels: Literal["auto", "avx512vnni", "avx512", "avx2", "torch"] = Field(
         "auto",
-        description="CPU compute path: our C++ kernels (auto = the best ISA build this CPU runs) "
-        "or the torch reference path",
+        description="CPU compute path: our C++ kernels (auto = the best ISA build this CPU runs; "
+        "avx512vnni takes int8 weights with int8 activations) or the torch reference path",
     )
 
     @property

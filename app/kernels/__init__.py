@@ -5,9 +5,16 @@ and no library promises that: MKL's sgemm rounds a row differently by M, and how
 depends on the CPU it runs on. Every kernel in csrc/ fixes the reduction order of each output
 (csrc/kernels_impl.h), and its AVX2 and AVX-512 builds compute the same arithmetic lane for lane.
 
-The path (`--kernels`, SHARDSERVE_KERNELS): `auto` takes the best ISA build this CPU runs (avx512,
-else avx2) and falls back to the torch path when the extension was not built (no compiler, not
-x86-64); `avx512` / `avx2` force one build; `torch` is the reference path (app/layers' torch code).
+The path (`--kernels`, SHARDSERVE_KERNELS): `auto` takes the best ISA build this CPU runs
+(avx512vnni, else avx512, else avx2) and falls back to the torch path when the extension was not
+built (no compiler, not x86-64); `avx512vnni` / `avx512` / `avx2` force one build; `torch` is the
+reference path (app/layers' torch code).
+
+The arithmetic follows the CPU flags, never a timing: avx512vnni multiplies int8 weights by int8
+activations (quantized per row in blocks of 32, as llama.cpp's Q8_0; exact int32 sums), where the
+other builds widen int8 weights to fp32 and keep fp32 activations; every other weight dtype computes
+the same in all three builds. On the default model int8 activations cost 4.4% relative logit error
+against 3.3% (BENCHMARKS.md); `--kernels avx512` keeps fp32 activations on such a CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class KernelUnavailable(ValueError):
 
 
 def resolve(choice: str) -> str:
-    """The path that `choice` means on this machine: 'avx512', 'avx2' or 'torch'."""
+    """The path that `choice` means on this machine: 'avx512vnni', 'avx512', 'avx2' or 'torch'."""
     if choice == "torch":
         return "torch"
     isas = available_isas()
@@ -52,6 +59,8 @@ def resolve(choice: str) -> str:
 def describe(choice: str) -> str:
     """One line for the start-up log, /version and `shardserve inspect`."""
     path = resolve(choice)
+    if path == "avx512vnni":
+        return f"{path} kernels (app.kernels._C; int8 weights x int8 activations)"
     if path != "torch":
         return f"{path} kernels (app.kernels._C)"
     if choice == "torch":
@@ -99,6 +108,19 @@ class CpuKernels:
         v_cache: torch.Tensor,
     ) -> None:
         self._k.kv_write(k.contiguous(), v.contiguous(), slots, k_cache, v_cache)
+
+    @staticmethod
+    def kv_views(
+        blocks: torch.Tensor, kv_heads: int, head_dim: int, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's KV storage [2, blocks, block_size * kv_heads * head_dim] in the kernels' layout:
+        K [blocks, kv_heads, head_dim, block_size] (each block's keys transposed, so attention's
+        scores for 16 keys are one vector per element) and V [blocks, kv_heads, block_size, head_dim]."""
+        n = blocks.shape[1]
+        return (
+            blocks[0].view(n, kv_heads, head_dim, block_size),
+            blocks[1].view(n, kv_heads, block_size, head_dim),
+        )
 
     # The fused blocks of a Llama layer; arguments as in csrc/bindings.cpp (Kernels::attn_block ...).
     def attn_block(self, *args: object) -> torch.Tensor:

@@ -5,8 +5,10 @@ every row of the step, reading K/V blocks in place: row t at position p attends 
 its sequence, exactly as its decode step would, in the kernel's fixed reduction order, so a row's
 result depends on nothing but its sequence. The torch path below is the reference and fallback.
 
-The cache of one layer is two tensors [num_slots, kv_heads, head_dim] (slot = block * block_size
-+ offset). Each step the runner computes, once for all layers, where the new tokens' K/V go
+Each path keeps the cache in its own layout (app/worker/runner.allocate_kv): the torch path as
+[num_slots, kv_heads, head_dim] (slot = block * block_size + offset), the kernels with each block's
+keys transposed (`CpuKernels.kv_views`), so that a long context streams through attention at
+memory speed. Each step the runner computes, once for all layers, where the new tokens' K/V go
 (`slot_mapping`) and which slots hold each sequence's context (`context_slots`).
 
 Batch invariance (what the engine's runner asks for): a token's result must not depend on its

@@ -24,6 +24,28 @@ def unpack_bitmask(data: bytes, rows: int) -> torch.Tensor:
     return ((words[:, :, None] >> bits) & 1).bool().view(rows, -1)
 
 
+def allocate_kv(
+    loaded: LoadedModel, num_blocks: int, block_size: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The KV cache of every layer in one allocation, [layers, 2 (K, V), blocks, block_size *
+    kv_heads * head_dim], and each layer's (K, V) in the layout of the model's compute path: the
+    kernels' (`CpuKernels.kv_views`) or the torch path's [slots, kv_heads, head_dim] (slot = block *
+    block_size + offset). Uninitialised: attention reads only slots written before, and untouched
+    pages cost no memory yet."""
+    kv_heads, head_dim = loaded.model.kv_shape()
+    storage = torch.empty(
+        loaded.config.num_layers, 2, num_blocks, block_size * kv_heads * head_dim, dtype=dtype
+    )
+    if loaded.kernels is not None:
+        views = [loaded.kernels.kv_views(layer, kv_heads, head_dim, block_size) for layer in storage]
+    else:
+        views = [
+            (layer[0].view(-1, kv_heads, head_dim), layer[1].view(-1, kv_heads, head_dim))
+            for layer in storage
+        ]
+    return storage, views
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -37,12 +59,7 @@ class ModelRunner:
     ) -> None:
         self.loaded, self.model = loaded, loaded.model
         self.block_size, self.num_blocks = block_size, num_blocks
-        kv_heads, head_dim = self.model.kv_shape()
-        slots = num_blocks * block_size
-        # One allocation for all layers: [layers, 2, slots, kv_heads, head_dim]. Uninitialised:
-        # attention reads only slots written before, and untouched pages cost no memory yet.
-        self.kv_storage = torch.empty(loaded.config.num_layers, 2, slots, kv_heads, head_dim, dtype=kv_dtype)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_storage]
+        self.kv_storage, self.kv_caches = allocate_kv(loaded, num_blocks, block_size, kv_dtype)
         self.sampler = Sampler(loaded.config.vocab_size, seed) if is_driver else None
 
     @property
@@ -62,8 +79,7 @@ class ModelRunner:
             for seq in plan.new_seqs:
                 self.sampler.add(seq)
         for src, dst in plan.copy_blocks:
-            b = self.block_size
-            self.kv_storage[:, :, dst * b : (dst + 1) * b] = self.kv_storage[:, :, src * b : (src + 1) * b]
+            self.kv_storage[:, :, dst] = self.kv_storage[:, :, src]
         result = StepOutput(plan.step_id, ()) if self.sampler is not None else None
         if plan.chunks:
             result = self._forward(plan, masks)

@@ -20,6 +20,7 @@ from app.model.loader import LoadedModel, load_model
 from app.settings import Settings
 from app.worker.comm import SingleCommunicator
 from app.worker.pool import WorkerPool
+from app.worker.runner import allocate_kv
 
 
 def load_ours(path: Path, dtype: str = "fp32", kernels: CpuKernels | None = None) -> LoadedModel:
@@ -29,13 +30,9 @@ def load_ours(path: Path, dtype: str = "fp32", kernels: CpuKernels | None = None
 def logits(loaded: LoadedModel, ids: torch.Tensor, chunks: list[int] | None = None) -> torch.Tensor:
     """Full-sequence logits, computed in one prefill or in the given chunk sizes."""
     model = loaded.model
-    kv_heads, head_dim = model.kv_shape()
     n, bs = len(ids), 16
     blocks = tuple(reversed(range(-(-n // bs))))  # a scrambled block table: paging must not matter
-    caches = [
-        (torch.zeros(len(blocks) * bs, kv_heads, head_dim), torch.zeros(len(blocks) * bs, kv_heads, head_dim))
-        for _ in range(loaded.config.num_layers)
-    ]
+    _, caches = allocate_kv(loaded, len(blocks), bs, torch.float32)
     out, start = [], 0
     with torch.no_grad():
         for size in chunks or [n]:

@@ -15,13 +15,14 @@
 namespace ss {
 const IsaOps* avx2_ops();
 const IsaOps* avx512_ops();
+const IsaOps* avx512vnni_ops();
 }  // namespace ss
 
 namespace {
 
 // What the CPU and the OS both allow (XGETBV: the OS saves the YMM / ZMM state on context switch).
 struct CpuFeatures {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, avx512vnni = false;
 };
 
 CpuFeatures cpu_features() {
@@ -36,6 +37,7 @@ CpuFeatures cpu_features() {
   if (!ymm || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
   f.avx2 = b & (1u << 5);
   f.avx512 = f.avx2 && zmm && (b & (1u << 16));
+  f.avx512vnni = f.avx512 && (b & (1u << 30)) && (c & (1u << 11));  // AVX512BW, AVX512_VNNI
   return f;
 }
 
@@ -124,14 +126,17 @@ class Kernels {
  public:
   Kernels(const std::string& isa, int threads, int spin_us) : pool_(threads, spin_us) {
     const CpuFeatures f = cpu_features();
-    if (isa == "avx512") {
+    if (isa == "avx512vnni") {
+      TORCH_CHECK(f.avx512vnni, "this CPU (or OS) does not support AVX-512 VNNI");
+      ops_ = ss::avx512vnni_ops();
+    } else if (isa == "avx512") {
       TORCH_CHECK(f.avx512, "this CPU (or OS) does not support AVX-512F");
       ops_ = ss::avx512_ops();
     } else if (isa == "avx2") {
       TORCH_CHECK(f.avx2, "this CPU (or OS) does not support AVX2 + FMA + F16C");
       ops_ = ss::avx2_ops();
     } else {
-      TORCH_CHECK(false, "unknown ISA '", isa, "' (avx512 or avx2)");
+      TORCH_CHECK(false, "unknown ISA '", isa, "' (avx512vnni, avx512 or avx2)");
     }
   }
 
@@ -152,9 +157,16 @@ class Kernels {
       a.scale = scale->data_ptr<float>();
     }
     if (M == 0 || N == 0) return;
+    at::Tensor xq, xd;
+    const bool q8 = int8_activations(a, xq, xd);
     py::gil_scoped_release nogil;
+    const int T = pool_.threads();
+    ss::Barrier barrier(T);
     ss::WorkQueue outputs = linear_queue(a);
-    pool_.run([&](int) { outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); }); });
+    pool_.run([&](int i) {
+      quantize_phase(a, q8, i, T, barrier);
+      outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); });
+    });
   }
 
   void attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -163,15 +175,15 @@ class Kernels {
     check(q, at::kFloat, 3, "q");
     check(out, at::kFloat, 3, "out");
     TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
-    const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.dim() == 3 ? k_cache.size(1) : 0;
-    const bool f16 = check_attention(T, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len, block_size);
-    ss::AttentionArgs a{q.data_ptr<float>(), T, Hq, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(), f16,
-                        tables.data_ptr<int32_t>(), tables.size(1), row_seq.data_ptr<int32_t>(),
-                        row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), out.data_ptr<float>()};
+    const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.dim() > 1 ? k_cache.size(1) : 0;
+    at::Tensor partials;
+    const ss::AttentionArgs a = attention_args(q.data_ptr<float>(), T, Hq, Hkv, D, k_cache, v_cache, tables, row_seq,
+                                               row_len, block_size, scale, out.data_ptr<float>(), partials);
     if (T == 0) return;
     py::gil_scoped_release nogil;
-    ss::WorkQueue tasks(T * Hkv, 1);
-    pool_.run([&](int) { tasks.drain([&](int64_t i0, int64_t i1) { ops_->attention(a, i0, i1); }); });
+    ss::Barrier barrier(pool_.threads());
+    ss::WorkQueue parts(T * Hkv * a.max_parts, 1), merges(T * Hkv, 1);
+    pool_.run([&](int) { attention_phase(a, parts, merges, barrier); });
   }
 
   void norm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps,
@@ -198,11 +210,12 @@ class Kernels {
     check(k, at::kFloat, 3, "k");
     check(v, at::kFloat, 3, "v");
     check(slots, at::kLong, 1, "slots");
-    const bool f16 = check_cache(k_cache, v_cache, k.size(1), k.size(2));
-    const int64_t T = slots.size(0), E = k_cache.size(1) * k_cache.size(2);
+    const int64_t Hkv = k.size(1), D = k.size(2), bs = v_cache.dim() == 4 ? v_cache.size(2) : 0;
+    const bool f16 = check_cache(k_cache, v_cache, Hkv, D, bs);
+    const int64_t T = slots.size(0);
     TORCH_CHECK(k.size(0) >= T && v.sizes() == k.sizes(), "kv_write shapes disagree");
-    check_slots(slots, k_cache.size(0));
-    ss::KvWriteArgs a{k.data_ptr<float>(), v.data_ptr<float>(), T, E, slots.data_ptr<int64_t>(),
+    check_slots(slots, k_cache.size(0) * bs);
+    ss::KvWriteArgs a{k.data_ptr<float>(), v.data_ptr<float>(), T, Hkv, D, bs, slots.data_ptr<int64_t>(),
                       k_cache.data_ptr(), v_cache.data_ptr(), f16};
     py::gil_scoped_release nogil;
     ops_->kv_write(a, 0, T);
@@ -231,37 +244,42 @@ class Kernels {
     check(sin, at::kFloat, 2, "sin");
     TORCH_CHECK(positions.size(0) == M && slots.size(0) == M && cos.size(1) == D && sin.sizes() == cos.sizes(),
                 "rotary shapes disagree");
-    const bool f16 = check_attention(M, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len, block_size);
-    check_slots(slots, k_cache.size(0));
+    at::Tensor att = at::empty({M, Hq, D}, x.options()), partials;
+    ss::AttentionArgs attn = attention_args(nullptr, M, Hq, Hkv, D, k_cache, v_cache, tables, row_seq, row_len,
+                                            block_size, scale, att.data_ptr<float>(), partials);
+    check_slots(slots, k_cache.size(0) * block_size);
     const int64_t* pos = positions.data_ptr<int64_t>();
     for (int64_t t = 0; t < M; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < cos.size(0), "position ", pos[t], " past the rotary table");
 
     auto f32 = x.options();
     at::Tensor h = at::empty({M, H}, f32), qkv_out = at::empty({M, W}, f32), q = at::empty({M, Hq, D}, f32);
-    at::Tensor att = at::empty({M, Hq, D}, f32), y = at::empty({M, o.N}, f32);
+    at::Tensor y = at::empty({M, o.N}, f32);
     norm.y = h.data_ptr<float>();
     qkv.x = norm.y, qkv.M = M, qkv.y = qkv_out.data_ptr<float>();
     ss::RopeKvArgs rope{qkv.y, M, Hq, Hkv, D, pos, cos.data_ptr<float>(), sin.data_ptr<float>(), q.data_ptr<float>(),
-                        slots.data_ptr<int64_t>(), k_cache.data_ptr(), v_cache.data_ptr(), f16};
-    ss::AttentionArgs attn{rope.q_out, M, Hq, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(), f16,
-                           tables.data_ptr<int32_t>(), tables.size(1), row_seq.data_ptr<int32_t>(),
-                           row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), att.data_ptr<float>()};
+                        slots.data_ptr<int64_t>(), block_size, k_cache.data_ptr(), v_cache.data_ptr(), attn.kv_f16};
+    attn.q = rope.q_out;
     o.x = attn.out, o.M = M, o.y = y.data_ptr<float>();
     if (M == 0) return y;
+    at::Tensor qkv_xq, qkv_xd, o_xq, o_xd;
+    const bool qkv_q8 = int8_activations(qkv, qkv_xq, qkv_xd), o_q8 = int8_activations(o, o_xq, o_xd);
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
-    ss::WorkQueue qkv_q = linear_queue(qkv), attn_q(M * Hkv, 1), o_q = linear_queue(o);
+    ss::WorkQueue qkv_q = linear_queue(qkv), parts_q(M * Hkv * attn.max_parts, 1), merge_q(M * Hkv, 1);
+    ss::WorkQueue o_q = linear_queue(o);
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
+      if (qkv_q8) ops_->quantize(qkv, rows.first, rows.second);  // the rows this thread normalised
       barrier.wait();
       qkv_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(qkv, n0, n1); });
       barrier.wait();
       ops_->rope_kv(rope, rows.first, rows.second);
       barrier.wait();
-      attn_q.drain([&](int64_t i0, int64_t i1) { ops_->attention(attn, i0, i1); });
+      attention_phase(attn, parts_q, merge_q, barrier);
       barrier.wait();
+      quantize_phase(o, o_q8, i, T, barrier);
       o_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(o, n0, n1); });
     });
     return y;
@@ -289,6 +307,8 @@ class Kernels {
     ss::SiluMulArgs silu{gu.y, M, I, act.data_ptr<float>()};
     down.x = silu.out, down.M = M, down.y = y.data_ptr<float>();
     if (M == 0) return y;
+    at::Tensor gu_xq, gu_xd, down_xq, down_xd;
+    const bool gu_q8 = int8_activations(gu, gu_xq, gu_xd), down_q8 = int8_activations(down, down_xq, down_xd);
     py::gil_scoped_release nogil;
     const int T = pool_.threads();
     ss::Barrier barrier(T);
@@ -296,12 +316,14 @@ class Kernels {
     pool_.run([&](int i) {
       auto rows = share(M, i, T);
       ops_->norm(norm, rows.first, rows.second);
+      if (gu_q8) ops_->quantize(gu, rows.first, rows.second);
       barrier.wait();
       gu_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(gu, n0, n1); });
       barrier.wait();
       auto elems = share(M * I, i, T, 16);
       ops_->silu_mul(silu, elems.first, elems.second);
       barrier.wait();
+      quantize_phase(down, down_q8, i, T, barrier);
       down_q.drain([&](int64_t n0, int64_t n1) { ops_->linear(down, n0, n1); });
     });
     return y;
@@ -339,30 +361,77 @@ class Kernels {
     return a;
   }
 
-  static bool check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D) {
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
-                    k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
-                "k_cache and v_cache must be contiguous [slots, kv_heads, head_dim] of one dtype");
-    TORCH_CHECK(k_cache.size(1) == Hkv && k_cache.size(2) == D, "the KV cache's heads disagree with the model's");
+  // The kernels' cache layout (csrc/kernel_args.h): K [blocks, Hkv, D, block_size], V [blocks, Hkv,
+  // block_size, D]; returns whether it is fp16.
+  static bool check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t Hkv, int64_t D,
+                          int64_t block_size) {
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                    k_cache.scalar_type() == v_cache.scalar_type(),
+                "the KV cache must be two contiguous 4-d tensors of one dtype");
+    TORCH_CHECK(block_size > 0 && k_cache.sizes() == at::IntArrayRef({v_cache.size(0), Hkv, D, block_size}) &&
+                    v_cache.sizes() == at::IntArrayRef({k_cache.size(0), Hkv, block_size, D}),
+                "the KV cache must be K [blocks, ", Hkv, ", ", D, ", ", block_size, "] and V [blocks, ", Hkv, ", ",
+                block_size, ", ", D, "]");
     const bool f16 = k_cache.scalar_type() == at::kHalf;
     TORCH_CHECK(f16 || k_cache.scalar_type() == at::kFloat, "the KV cache must be float32 or float16");
     return f16;
   }
 
-  // Everything the attention kernel reads without bounds checks, for both entry points; returns
-  // whether the cache is fp16.
-  static bool check_attention(int64_t rows, int64_t Hq, int64_t Hkv, int64_t D, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& row_seq,
-                              const at::Tensor& row_len, int64_t block_size) {
+  // Everything the attention kernel reads without bounds checks, for both entry points, and room for
+  // the partitions of rows longer than one (`partials` holds that buffer).
+  static ss::AttentionArgs attention_args(const float* q, int64_t rows, int64_t Hq, int64_t Hkv, int64_t D,
+                                          const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                          const at::Tensor& tables, const at::Tensor& row_seq,
+                                          const at::Tensor& row_len, int64_t block_size, double scale, float* out,
+                                          at::Tensor& partials) {
     TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "q heads must be a multiple of KV heads");
     TORCH_CHECK(D <= 256, "head_dim above 256 is not supported");
-    const bool f16 = check_cache(k_cache, v_cache, Hkv, D);
+    const bool f16 = check_cache(k_cache, v_cache, Hkv, D, block_size);
     check(tables, at::kInt, 2, "tables");
     check(row_seq, at::kInt, 1, "row_seq");
     check(row_len, at::kInt, 1, "row_len");
     TORCH_CHECK(row_seq.size(0) == rows && row_len.size(0) == rows, "row_seq and row_len need one value per row");
-    check_pages(tables, row_seq, row_len, k_cache.size(0), block_size);
-    return f16;
+    check_pages(tables, row_seq, row_len, k_cache.size(0) * block_size, block_size);
+    ss::AttentionArgs a{q, rows, Hq, Hkv, D, k_cache.data_ptr(), v_cache.data_ptr(), f16,
+                        tables.data_ptr<int32_t>(), tables.size(1), row_seq.data_ptr<int32_t>(),
+                        row_len.data_ptr<int32_t>(), block_size, static_cast<float>(scale), out};
+    const int32_t* len = row_len.data_ptr<int32_t>();
+    for (int64_t t = 0; t < rows; ++t)
+      a.max_parts = std::max<int64_t>(a.max_parts, (len[t] + ss::kAttnPartition - 1) / ss::kAttnPartition);
+    if (a.max_parts > 1) {
+      partials = at::empty({rows * Hkv * a.max_parts * (Hq / Hkv) * (D + 2)}, at::kFloat);
+      a.partials = partials.data_ptr<float>();
+    }
+    return a;
+  }
+
+  // The VNNI build takes int8 activations for packed int8 weights: room for x quantized (a.x and
+  // a.M set). Returns whether this linear does.
+  bool int8_activations(ss::LinearArgs& a, at::Tensor& xq, at::Tensor& xd) const {
+    if (ops_->quantize == nullptr || a.wfmt != ss::W_I8_PACKED) return false;
+    const int64_t blocks = (a.K + ss::kActBlock - 1) / ss::kActBlock;
+    xq = at::empty({a.M * a.K}, at::kByte);
+    xd = at::empty({a.M * blocks}, at::kFloat);
+    a.xq = xq.data_ptr<uint8_t>();
+    a.xd = xd.data_ptr<float>();
+    return true;
+  }
+
+  // Inside a parallel region: thread i's rows of x quantized, then a barrier (int8 activations only).
+  void quantize_phase(const ss::LinearArgs& a, bool q8, int i, int T, ss::Barrier& barrier) const {
+    if (!q8) return;
+    auto rows = share(a.M, i, T);
+    ops_->quantize(a, rows.first, rows.second);
+    barrier.wait();
+  }
+
+  // Attention inside a parallel region: every partition, then the merge of rows of several.
+  void attention_phase(const ss::AttentionArgs& a, ss::WorkQueue& parts, ss::WorkQueue& merges,
+                       ss::Barrier& barrier) const {
+    parts.drain([&](int64_t i0, int64_t i1) { ops_->attention(a, i0, i1); });
+    if (a.max_parts == 1) return;
+    barrier.wait();
+    merges.drain([&](int64_t i0, int64_t i1) { ops_->attention_merge(a, i0, i1); });
   }
 
   static void check_slots(const at::Tensor& slots, int64_t S) {
@@ -382,6 +451,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas", [] {
     const CpuFeatures f = cpu_features();
     std::vector<std::string> isas;
+    if (f.avx512vnni) isas.push_back("avx512vnni");
     if (f.avx512) isas.push_back("avx512");
     if (f.avx2) isas.push_back("avx2");
     return isas;
