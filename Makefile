@@ -1,32 +1,54 @@
 # Every target installs what it needs into .venv first; `make serve` and `make test` work on a fresh machine.
+# `make serve` (and `make model`) install the runtime dependencies only; `make install`, `make test`
+# and the other developer targets add the dev extras (tests, benchmarks, lint), and `make test` the browser.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+BASE := $(VENV)/.base-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+DEV := $(VENV)/.dev-stamp
 export SHARDSERVE_HOME ?= $(HOME)/.cache/shardserve
 
-.PHONY: install model serve test test-slow soak fuzz bench lint clean deploy-tools
+.PHONY: install model serve test test-slow soak fuzz bench lint clean deploy-tools browser
 
 KERNEL_SOURCES := setup.py $(wildcard app/kernels/csrc/*)
 
-$(STAMP): pyproject.toml $(KERNEL_SOURCES)
+# Before anything is downloaded: a Python this package supports, with its venv module (Debian and
+# Ubuntu ship that apart, as python3-venv; without it `python3 -m venv` fails half-way, on ensurepip).
+$(BASE):
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found: install Python 3.10 or newer, or set PYTHON=/path/to/python3" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v >= (3, 10) else "make: shardserve needs Python 3.10 or newer; $(PYTHON) is %d.%d: set PYTHON=python3.11, say" % v)'
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "make: $(PYTHON) has no venv module (or no ensurepip): install it, e.g. apt-get install python3-venv (python3.X-venv for Python 3.X)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	# the CPU wheel of torch lies on disk; a looser spec would download a CUDA build of several GB
 	$(PY) -m pip install torch==2.13.0 setuptools wheel ninja
+	touch $@
+
+# the runtime: what `serve` needs, the YAML parser of --config and huggingface_hub included
+$(RUNTIME): $(BASE) pyproject.toml $(KERNEL_SOURCES)
 	# --no-build-isolation: the C++ kernels (app/kernels/csrc) compile against this torch
-	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --no-build-isolation -e .
 	$(PY) -c "from app.kernels import describe; print('shardserve compute path:', describe('auto'))"
-	# the playground test drives a real headless Chromium; playwright cannot download one here
-	command -v chromium || (apt-get update && apt-get install -y chromium) || true
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# the dev extras, read from the installed package's metadata so the package is not built twice
+$(DEV): $(RUNTIME)
+	$(PY) -c 'import importlib.metadata as m; print("\n".join(r.split(";")[0] for r in m.requires("shardserve") if "extra == \"dev\"" in r))' > $(VENV)/dev-requirements.txt
+	$(PY) -m pip install -r $(VENV)/dev-requirements.txt
+	touch $@
 
-model: install
+install: $(DEV)
+
+model: $(RUNTIME)
 	$(VENV)/bin/shardserve download
 
 serve: model
 	$(VENV)/bin/shardserve serve
+
+# the playground test drives a real headless Chromium; playwright cannot download one here
+browser:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) || \
+	  echo "browser: chromium not installed; tests/e2e/test_playground.py will skip"
 
 # tests/deploy/test_deploy.py checks the deployment files with the operators' own tools: hadolint and
 # kubernetes-validate come with the dev extras, docker-compose and promtool (package prometheus)
@@ -38,10 +60,10 @@ deploy-tools: install
 	    docker-compose prometheus) || \
 	  echo "deploy-tools: docker-compose/promtool not installed; their checks in tests/deploy/test_deploy.py will skip"
 
-test: model deploy-tools
+test: install model deploy-tools browser
 	$(VENV)/bin/pytest
 
-test-slow: model
+test-slow: install model
 	$(VENV)/bin/pytest -m slow
 
 # The long robustness runs; RELIABILITY.md records their latest results and commands.
@@ -49,13 +71,13 @@ test-slow: model
 # and a queue of 64; 2 x 1000 vanishing streams), then mixed load against a real `shardserve serve`
 # with 300 idle and half-open loopback connections held beside it after the first minute.
 SOAK_MINUTES ?= 10
-soak: model
+soak: install model
 	SHARDSERVE_LONG=1 $(VENV)/bin/pytest tests/e2e/test_robustness.py -k "clients or storm"
 	$(PY) -m tests.support.soak --minutes $(SOAK_MINUTES)
 
 # make fuzz [FUZZ_EXAMPLES=500]: schemathesis cases per API operation (make test runs 100).
 FUZZ_EXAMPLES ?= 500
-fuzz: model
+fuzz: install model
 	SHARDSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/e2e/test_api_fuzz.py
 
 # make bench [PEERS=all|llama|vllm|naive|none] [QUICK=1]: kernels, engine, then the serve workloads
@@ -65,7 +87,7 @@ fuzz: model
 PEERS ?= all
 BENCH_RESULTS := .bench/results
 
-bench: model
+bench: install model
 	@echo "make bench: the full run takes an hour or more (QUICK=1: a few minutes once the peers are set up;"
 	@echo "building llama.cpp or installing vLLM the first time adds 15+ minutes each)."
 	@mkdir -p $(BENCH_RESULTS)

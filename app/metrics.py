@@ -9,7 +9,9 @@ Where each number comes from:
 - rank gauges: reported by the ranks through the pool at start-up and restarts. Rank processes
   themselves export nothing: everything reaches /metrics through the engine, so no multiprocess
   directory is needed.
-Names follow the contract in shared/DESIGN.md (prefix shardserve_)."""
+Names follow the contract in shared/DESIGN.md (prefix shardserve_). Every series carries a
+`model_name` label (the served model name), as vLLM's do, so one Prometheus can scrape several
+models; it is added when the registry is rendered, so no metric can be defined without it."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.engine.types import EngineStats, FinishReason, GenerateRequest, RequestOutput, StepStats
@@ -95,6 +97,19 @@ class _EngineCollector(Collector):
             yield CounterMetricFamily(P + name.removesuffix("_total"), help_text, value=getattr(s, name))
 
 
+class _Labelled:
+    """A registry as /metrics renders it: each sample with constant labels added (model_name)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry, self.labels = registry, labels
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield out
+
+
 def _torch_version() -> str:
     try:
         return importlib.metadata.version("torch")
@@ -103,7 +118,8 @@ def _torch_version() -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name  # the model_name label of every series
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", registry=r)
@@ -233,4 +249,4 @@ class Metrics:
             self.tpot.observe((req.last_token - req.first_token) / (req.generated - 1))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_Labelled(self.registry, {"model_name": self.model_name}))  # type: ignore[arg-type]

@@ -1,10 +1,12 @@
 """The one settings object: every option is a CLI flag and a SHARDSERVE_<NAME> variable.
 
 Built once at start-up (CLI values override the environment, which overrides the defaults) and
-passed down; nothing reads the environment anywhere else."""
+passed down; nothing reads the environment anywhere else, except huggingface_hub, which reads its
+own HF_* variables (HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE) as it does for every program using it."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,8 +15,20 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+# vLLM's spellings of the same dtypes (its `auto` is the checkpoint's dtype; ours the fastest here)
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# generation_config.json's sampling keys -> the request parameter each sets where a request is silent
+# (vLLM's get_diff_sampling_param); app/model/generation_config.py reads them
+GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def default_home() -> Path:
@@ -27,10 +41,21 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home, description="model cache directory")
     model: str = Field(
         DEFAULT_MODEL,
-        description="built-in name, .gguf file or Hugging Face directory",
+        description="built-in name, .gguf file, Hugging Face directory or hub id (org/name)",
+    )
+    revision: str | None = Field(None, description="hub model: branch, tag or commit (default main)")
+    hf_token: str | None = Field(
+        None, description="hub model: access token (default: HF_TOKEN or the saved `hf auth login`)"
+    )
+    download_dir: Path | None = Field(
+        None, description="hub model: cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)"
     )
     served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
-    dtype: Dtype = Field("auto", description="weight dtype; auto = fastest measured here (int8 on CPU)")
+    dtype: Dtype = Field(
+        "auto",
+        description="weight dtype (also vLLM's bfloat16, float16, half, float32, float); auto = fastest "
+        "measured here (int8 weight-only on a CPU)",
+    )
     tp: int = Field(1, ge=1, le=64, description="tensor-parallel ranks (processes)")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -84,6 +109,16 @@ class Settings(BaseSettings):
         "hermes", description="how the model writes tool calls (read back into tool_calls)"
     )
     seed: int = Field(0, description="seed of unseeded sampling")
+    generation_config: str = Field(
+        "auto",
+        description="sampling defaults where a request is silent, as vLLM's: auto = the model's "
+        "generation_config.json (the built-in model: its model card's), vllm = none (OpenAI's defaults), "
+        "or a directory holding a generation_config.json",
+    )
+    override_generation_config: dict[str, float | int] = Field(
+        default_factory=dict,
+        description='JSON object over those defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 256}\'',
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
@@ -92,6 +127,47 @@ class Settings(BaseSettings):
         description="CPU compute path: our C++ kernels (auto = the best ISA build this CPU runs; "
         "avx512vnni takes int8 weights with int8 activations) or the torch reference path",
     )
+
+    @property
+    def served_name(self) -> str:
+        """The model's id in the API and in every metric's model_name label: --served-model-name,
+        else a built-in name or hub id as given (no path on disk), else the file or directory's stem."""
+        if self.served_model_name:
+            return self.served_model_name
+        spec = self.model.strip()
+        if "/" not in spec or not Path(spec).expanduser().exists():
+            return spec
+        return Path(spec).expanduser().stem
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _vllm_dtype(cls, v: object) -> object:
+        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("override_generation_config", mode="before")
+    @classmethod
+    def _json_object(cls, v: object) -> object:
+        if isinstance(v, str):  # a flag's value; the environment's is decoded by pydantic-settings
+            try:
+                return json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"not a JSON object: {e}") from None
+        return v
+
+    @field_validator("override_generation_config")
+    @classmethod
+    def _known_generation_keys(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(GENERATION_KEYS)}")
+        return v
+
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config_exists(cls, v: str) -> str:
+        if v not in ("auto", "vllm") and not (Path(v).expanduser() / "generation_config.json").is_file():
+            raise ValueError(f"{v!r} is not auto, vllm or a directory holding a generation_config.json")
+        return v
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

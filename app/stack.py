@@ -8,6 +8,7 @@ card (app/api/card.py)."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ from app.kernels import resolve as resolve_kernels
 from app.metrics import Metrics
 from app.model.config import ModelConfig
 from app.model.errors import reading_model
+from app.model.generation_config import sampling_defaults
+from app.model.hub import HubModelError, HubOptions
 from app.model.loader import read_config
 from app.model.memory import KV_BYTES, kv_blocks_for_budget, kv_cache_dtype
-from app.model.store import BUILTIN_MODELS, ensure_model, is_cached, resolve_model
+from app.model.store import BUILTIN_MODELS, builtin_entry, ensure_model, is_cached, resolve_model
 from app.settings import Settings
 from app.tokenizer.detokenizer import IncrementalDetokenizer
 from app.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -81,21 +84,31 @@ class Stack:
         return Health("up")
 
     def start(self) -> None:
-        for r in self.pool.start():
+        ranks = self.pool.start()
+        for r in ranks:
             log.info(
-                "rank %d: weight arena %.1f MiB, KV cache %.1f MiB, loaded in %.2fs, peak RSS %.0f MiB",
-                r.rank, r.weight_bytes / 2**20, r.kv_cache_bytes / 2**20, r.load_seconds, r.peak_rss_bytes / 2**20,
+                "rank %d: weight arena %.1f MiB, KV cache %.1f MiB (%s resident), loaded in %.2fs, peak RSS %.0f MiB",
+                r.rank, r.weight_bytes / 2**20, r.kv_cache_bytes / 2**20, _mib(r.kv_cache_resident_bytes),
+                r.load_seconds, r.peak_rss_bytes / 2**20,
             )  # fmt: skip
+        reserved = sum(r.kv_cache_bytes for r in ranks)
+        resident = [r.kv_cache_resident_bytes for r in ranks]
         log.info(
-            "model %s (%s, tp %d): KV cache %d blocks x %d tokens = %d tokens, context %d",
+            "model %s (%s, tp %d): KV cache %d blocks x %d tokens = %d tokens, context %d; %.1f MiB reserved, "
+            "%s resident (pages take memory as they are first written)",
             self.model_name, self.dtype, self.settings.tp, self.num_blocks, self.settings.block_size,
-            self.num_blocks * self.settings.block_size, self.max_model_len,
+            self.num_blocks * self.settings.block_size, self.max_model_len, reserved / 2**20,
+            _mib(None if None in resident else sum(resident)),  # type: ignore[arg-type]
         )  # fmt: skip
         self.engine.start()
 
     def shutdown(self) -> None:
         self.engine.stop()
         self.pool.shutdown()
+
+
+def _mib(n: int | None) -> str:
+    return "unknown" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _max_model_len(settings: Settings, config: ModelConfig) -> int:
@@ -161,21 +174,36 @@ def serving_limits(settings: Settings, config: ModelConfig, device: Device) -> t
 def check_before_load(settings: Settings) -> None:
     """What `serve` can refuse before it spawns anything: the model's metadata (a GGUF header, a
     config.json) and the limits derived from it. A built-in model not yet downloaded is checked
-    only after the download, by build_stack."""
+    only after the download, by build_stack, and so is a hub id not yet in the cache."""
     name = settings.model.strip().lower()
     if name in BUILTIN_MODELS and not is_cached(name, settings.home):
         return
-    model_path = resolve_model(settings.model, settings.home)
+    try:
+        model_path = resolve_model(settings.model, settings.home, HubOptions.of(settings))
+    except HubModelError:
+        return  # a hub id not cached yet: fetched, then checked, by build_stack
     serving_limits(settings, read_config(model_path), Device.resolve(settings.device))
 
 
 def read_model(settings: Settings) -> tuple[Path, ModelConfig, Tokenizer]:
-    """The model's file (downloaded if it is a built-in name not yet cached), config and tokenizer;
+    """The model's file (downloaded if it is a built-in name or hub id not yet cached), config and tokenizer;
     every failure is one ModelLoadError or TokenizerError naming the file."""
-    model_path = ensure_model(settings.model, settings.home)
+    progress = sys.stderr.isatty()  # bars only for a person watching, never into a log file
+    model_path = ensure_model(
+        settings.model, settings.home, progress=progress, hub=HubOptions.of(settings, progress)
+    )
     config = read_config(model_path)
     with reading_model(model_path, TokenizerError):  # a corrupt tokenizer surfaces in the tokenizers library
         tokenizer = Tokenizer.load(model_path, chat_template=settings.chat_template)
+    entry = builtin_entry(settings.model, model_path)
+    defaults, source = sampling_defaults(
+        settings.generation_config, settings.override_generation_config, model_path,
+        entry.generation_defaults if entry else None,
+    )  # fmt: skip
+    tokenizer.generation_defaults = defaults  # what the request side reads
+    if defaults:
+        log.info("sampling defaults where a request is silent (from %s): %s", source,
+                 ", ".join(f"{k}={v}" for k, v in defaults.items()))  # fmt: skip
     return model_path, config, tokenizer
 
 
@@ -209,7 +237,7 @@ def build_stack(
         max_model_len=max_model_len,
         block_size=settings.block_size,
     )
-    name = settings.served_model_name or (settings.model if "/" not in settings.model else model_path.stem)
+    name = settings.served_name
     grammars = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, tokenizer.eos_token_ids)
     engine = Engine(
         executor=pool,

@@ -29,6 +29,8 @@ class ServedTokenizer(TokenDecoder, Protocol):
 
     def template_knows_tools(self) -> bool: ...
 
+    def config_info(self, max_model_len: int) -> dict[str, Any]: ...
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],

@@ -6,6 +6,7 @@ it in the background, so probes answer 503 meanwhile)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from fastapi.security import HTTPBearer
 from app.api.backpressure import SHUTTING_DOWN, Admission
 from app.api.card import ServedModel
 from app.api.errors import EngineFailed, NotReady, ServiceUnavailable, Unauthorized
+from app.api.ignored import IgnoredFields
 from app.engine.client import EngineClient
 from app.metrics import Metrics
 from app.settings import Settings
@@ -34,6 +36,9 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)  # the app's registry (/metrics)
     request_exit: Callable[[], None] = lambda: None  # serve() sets it: stops uvicorn (a failed load)
     debug: bool = False  # --debug: tracebacks in the log (a failed load)
+    ignored_fields: IgnoredFields = field(default_factory=IgnoredFields)  # unknown names logged once
+    url: str | None = None  # serve(): where it listens, for the "ready" line
+    listening: asyncio.Event = field(default_factory=asyncio.Event)  # set once Uvicorn said it runs
 
     @property
     def draining(self) -> bool:
@@ -135,6 +140,7 @@ class AccessRecord:
     queue_time: float | None = None  # seconds from arrival to the first scheduled step (engine's figure)
     finish_reason: str | None = None
     texts: dict[str, list[str]] | None = None  # prompts and outputs, only with --log-prompts
+    ignored_fields: str | None = None  # unknown request fields, for the response header (ignored.py)
 
 
 def get_record(request: Request) -> AccessRecord:

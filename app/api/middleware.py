@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import AccessRecord, ServerState
 from app.api.errors import APIError, HeadersTooLarge, PayloadTooLarge, RequestTimeout, error_response
+from app.api.ignored import HEADER as IGNORED_HEADER
 
 access_log = logging.getLogger("shardserve.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=\-]{1,128}")  # a client's id is echoed only if it is this tame
@@ -45,7 +46,10 @@ class RequestContextMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-Id", rid)
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Request-Id", rid)
+                if record.ignored_fields is not None:
+                    headers.append(IGNORED_HEADER, record.ignored_fields)
             await send(message)
 
         try:

@@ -45,6 +45,9 @@ class Prepared:
     stream: bool
     include_usage: bool
     tool_parser: str | None = None  # chat with tools offered: the format tool calls are read back from
+    show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
+    # completions' echo with logprobs: each prompt's first token (its logprobs are null); else empty
+    prompt_heads: tuple[str, ...] = ()
 
     @property
     def num_choices(self) -> int:
@@ -147,6 +150,7 @@ def sampling_params(
         stop_token_ids=stop_token_ids,
         ignore_eos=body.ignore_eos,
         logprobs=body.requested_logprobs,
+        prompt_logprobs=body.requested_prompt_logprobs,
         include_stop_str_in_output=body.include_stop_str_in_output,
         skip_special_tokens=body.skip_special_tokens,
     )
@@ -252,7 +256,10 @@ def _prepare(
         for rid, (ids, _), sp in zip(rids, prompts, params, strict=True)
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    echo_logprobs = isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
+    heads = tuple(card.tokenizer.token_text(ids[0]) for ids, _ in prompts) if echo_logprobs else ()
     return Prepared(
         kind, response_id, card.name, int(time.time()), requests, tuple(echo for _, echo in prompts),
         body.n, body.requested_logprobs is not None, body.stream, include_usage, tool_parser,
+        body.prompt_logprobs is not None, heads,
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """OpenAI request schemas (pydantic v2) and their limits (responses.py has the response shapes).
 
-Requests are strict (a string is not a number), ignore unknown fields (clients send fields we do
-not know), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
+Requests are strict (a string is not a number), accept unknown fields (clients send fields we do
+not know; app/api/ignored.py names them), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
 field. Limits that need the model (vocabulary, context, max_tokens) are checked by app/api/prepare.py
 once the prompt is tokenized.
 """
@@ -28,6 +28,7 @@ MAX_STOP = 16  # stop strings per request
 MAX_STOP_LEN = 256  # characters per stop string
 MAX_TOP_LOGPROBS = 20  # chat top_logprobs, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # completions logprobs, as OpenAI
+MAX_PROMPT_LOGPROBS = 20  # prompt_logprobs alternatives, vLLM's default --max-logprobs
 MAX_LOGIT_BIAS = 1024  # logit_bias entries; each bias in [-100, 100]
 MAX_MESSAGES = 1024
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -89,13 +90,52 @@ def _check_unicode(value: Any, path: str = "") -> None:
 
 
 class _TopLevel(StrictModel):
-    """A whole request body: its text is checked once, here, not by every nested model."""
+    """A whole request body: its text is checked once, here, not by every nested model. Unknown
+    top-level fields are kept aside (model_extra) so the route can name them."""
+
+    model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
         _check_unicode(data)
         return data
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES
+    )
+    grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # our JSON never has free whitespace anyway (grammar.py)
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False  # there is one backend, and no fallback
+    whitespace_pattern: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredOutputs:
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise invalid_value(f"structured_outputs.{name} is not supported")
+        kinds = ("json", "regex", "choice", "grammar")
+        given = [k for k in kinds if self.kind_value(k) is not None] + (
+            ["json_object"] if self.json_object else []
+        )
+        if len(given) != 1:
+            found = " and ".join(given) or "none"
+            raise invalid_value(
+                f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object ({found} given)"
+            )
+        return self
+
+    def kind_value(self, kind: str) -> Any:
+        return self.json_ if kind == "json" else getattr(self, kind)
 
 
 class SamplingRequest(_TopLevel):
@@ -134,12 +174,22 @@ class SamplingRequest(_TopLevel):
         None, min_length=1, max_length=MAX_CHOICES
     )
     guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    structured_outputs: StructuredOutputs | None = None  # vLLM's current name for the guided_* fields
+    # vLLM: every prompt token's logprob plus this many alternatives (not streamed)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
 
     @field_validator("stream_options")
     @classmethod
     def _stream_options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> Any:
         if v is not None and not info.data.get("stream", False):
             raise invalid_value("stream_options is only allowed when stream is true")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("stream", False):
+            raise invalid_value("prompt_logprobs is not available with stream (as in vLLM)")
         return v
 
     @field_validator("stop", mode="before")
@@ -174,6 +224,11 @@ class SamplingRequest(_TopLevel):
         """None: no logprobs; k >= 0: the sampled token's and k alternatives'."""
         raise NotImplementedError
 
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        """None: the prompt is not scored; k >= 0: each prompt token's logprob and k alternatives'."""
+        return self.prompt_logprobs
+
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
@@ -206,9 +261,9 @@ def _check_prompt(v: Any) -> Any:
 class CompletionRequest(SamplingRequest):
     # _check_prompt validates the whole shape; pydantic's union would cost ~60 ms on 128k ids
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], SkipValidation]
-    max_tokens: PositiveInt | None = None
+    echo: bool = False  # before max_tokens and logprobs: their validators read it
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo or prompt_logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = False
     suffix: str | None = None
     best_of: PositiveInt | None = None
 
@@ -217,12 +272,21 @@ class CompletionRequest(SamplingRequest):
     def _check_prompt(cls, v: Any) -> Any:
         return _check_prompt(v)
 
-    @field_validator("echo")
+    @field_validator("max_tokens")
     @classmethod
-    def _echo_without_logprobs(cls, v: bool, info: ValidationInfo) -> bool:
-        if v and info.data.get("logprobs") is not None:
+    def _something_to_return(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == 0 and not info.data.get("echo") and info.data.get("prompt_logprobs") is None:
             raise invalid_value(
-                "echo together with logprobs is not supported (prompt logprobs are not computed)"
+                "max_tokens 0 needs echo or prompt_logprobs: there would be nothing to return"
+            )
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _echo_not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("echo") and info.data.get("stream"):
+            raise invalid_value(
+                "echo with logprobs is not available with stream (prompt logprobs are not streamed)"
             )
         return v
 
@@ -250,6 +314,13 @@ class CompletionRequest(SamplingRequest):
     @property
     def requested_logprobs(self) -> int | None:
         return self.logprobs  # OpenAI completions: k = how many alternatives besides the sampled token
+
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        # echo with logprobs: the prompt's tokens come back with their logprobs, as OpenAI's legacy API
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     def prompt_list(self) -> list[str | list[int]]:
         """Each prompt of the request: a string or token ids; choice index = prompt index * n + i."""
@@ -311,6 +382,6 @@ class TokenizeRequest(_TopLevel):
         return self
 
 
-class DetokenizeRequest(StrictModel):
+class DetokenizeRequest(_TopLevel):
     model: str | None = None
     tokens: list[TokenId] = Field(max_length=MAX_PROMPT_TOKEN_IDS)

@@ -184,16 +184,19 @@ async def collect(
 ) -> r.ChatCompletionResponse | r.CompletionResponse:
     texts: list[list[str]] = [[prep.echo[i // prep.n]] for i in range(prep.num_choices)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(prep.num_choices)]
+    scored: list[tuple[TokenLogprob, ...]] = [() for _ in range(prep.num_choices)]  # prompt tokens 1..
     ends: list[RequestOutput | None] = [None] * prep.num_choices
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
             texts[i].append(out.text)
             logprobs[i].extend(out.logprobs)
+            scored[i] = out.prompt_logprobs or scored[i]
             if out.finish_reason is not None:
                 ends[i] = out
     usage = tally.usage()
     common: dict[str, Any] = {"id": prep.response_id, "created": prep.created, "model": prep.model}
+    shown = [r.prompt_logprobs(s) if prep.show_prompt_logprobs else None for s in scored]
     if prep.kind == "chat":
         return r.ChatCompletionResponse(
             **common,
@@ -202,6 +205,7 @@ async def collect(
                 _chat_choice(prep, i, "".join(texts[i]), logprobs[i], ends[i])
                 for i in range(prep.num_choices)
             ],
+            prompt_logprobs=shown[0],
         )
     return r.CompletionResponse(
         **common,
@@ -210,13 +214,24 @@ async def collect(
             r.CompletionChoice(
                 index=i,
                 text="".join(texts[i]),
-                logprobs=r.completion_logprobs(logprobs[i], len(texts[i][0])) if prep.logprobs else None,
+                logprobs=_completion_logprobs(prep, i, scored[i], logprobs[i], len(texts[i][0])),
                 finish_reason=ends[i].finish_reason.value if ends[i] else None,  # type: ignore[union-attr]
                 error=_choice_error(ends[i]),
+                prompt_logprobs=shown[i],
             )
             for i in range(prep.num_choices)
         ],
     )
+
+
+def _completion_logprobs(
+    prep: Prepared, i: int, scored: Sequence[TokenLogprob], logprobs: list[TokenLogprob], echo_len: int
+) -> r.CompletionLogprobs | None:
+    if not prep.logprobs:
+        return None
+    if prep.prompt_heads:  # echo: the prompt's tokens first, from offset 0
+        return r.completion_logprobs([*scored, *logprobs], 0, prep.prompt_heads[i // prep.n])
+    return r.completion_logprobs(logprobs, echo_len)
 
 
 def _tool_parser(prep: Prepared) -> ToolCallParser | None:

@@ -5,7 +5,6 @@ Responses omit None fields as OpenAI does, except the fields OpenAI sends as nul
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -59,6 +58,19 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """vLLM's Logprob, in prompt_logprobs: one entry of a prompt position's {token id: Logprob}."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt position, None for the first, then {token id: Logprob} with the
+# prompt's own token and the top alternatives
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(_Response):
     """A choice of a completion, and of a completion stream chunk (same shape in OpenAI's API)."""
 
@@ -68,6 +80,7 @@ class CompletionChoice(_Response):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReasonLiteral | None = None
     error: str | None = None  # with finish_reason "error": why this choice could not go on
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with the request's prompt_logprobs
 
 
 class CompletionResponse(_Response):
@@ -127,6 +140,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, with the request's prompt_logprobs
 
 
 class DeltaFunctionCall(_Response):
@@ -198,17 +212,21 @@ def safe_logprob(x: float) -> float:
     return x if math.isfinite(x) else LOGPROB_FLOOR
 
 
-def token_bytes(token: str) -> list[int]:
-    """UTF-8 bytes of a token's text; texts like "bytes:\\xe2\\x80" (a partial character) decode back."""
-    if token.startswith("bytes:") and re.fullmatch(r"(\\x[0-9a-fA-F]{2})+", token[6:]):
-        return list(bytes.fromhex(token[6:].replace("\\x", "")))
-    return list(token.encode("utf-8"))
+def completion_logprobs(
+    logprobs: Sequence[TokenLogprob], start_offset: int = 0, first_prompt_token: str | None = None
+) -> CompletionLogprobs:
+    """The completions API's parallel lists; text_offset counts characters from start_offset.
 
-
-def completion_logprobs(logprobs: Sequence[TokenLogprob], start_offset: int = 0) -> CompletionLogprobs:
-    """The completions API's parallel lists; text_offset counts characters from start_offset."""
+    first_prompt_token: echo with logprobs (logprobs then starts with the scored prompt): the
+    prompt's first token, which nothing scores, goes first with null logprobs, as in OpenAI's API."""
     out = CompletionLogprobs()
     offset = start_offset
+    if first_prompt_token is not None:
+        out.tokens.append(first_prompt_token)
+        out.token_logprobs.append(None)
+        out.top_logprobs.append(None)
+        out.text_offset.append(offset)
+        offset += len(first_prompt_token)
     for lp in logprobs:
         top: dict[str, float] = {}
         for _, text, value in lp.top:  # distinct ids may share a text: keep the likelier
@@ -227,12 +245,25 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
             ChatLogprob(
                 token=lp.token,
                 logprob=safe_logprob(lp.logprob),
-                bytes=token_bytes(lp.token),
+                bytes=list(lp.bytes),
                 top_logprobs=[
-                    ChatLogprobTop(token=t, logprob=safe_logprob(v), bytes=token_bytes(t))
-                    for _, t, v in lp.top
+                    ChatLogprobTop(token=t, logprob=safe_logprob(v), bytes=list(raw))
+                    for (_, t, v), raw in zip(lp.top, lp.top_bytes, strict=True)
                 ],
             )
             for lp in logprobs
         ]
     )
+
+
+def prompt_logprobs(scored: Sequence[TokenLogprob]) -> PromptLogprobs:
+    """vLLM's prompt_logprobs from the scored prompt tokens 1.. (token 0 has none: None)."""
+    out: PromptLogprobs = [None]
+    for lp in scored:
+        entry = {
+            lp.token_id: PromptLogprob(logprob=safe_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.token)
+        }
+        for rank, (i, text, value) in enumerate(lp.top, 1):
+            entry.setdefault(i, PromptLogprob(logprob=safe_logprob(value), rank=rank, decoded_token=text))
+        out.append(entry)
+    return out

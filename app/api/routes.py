@@ -1,10 +1,10 @@
 """The endpoints: thin adapters between HTTP and the API's two nouns, preparing a request
 (app/api/prepare.py) and rendering the engine's output (app/api/render.py).
 
-/v1/*, /tokenize and /detokenize sit behind the API key; /health, /ready, /metrics, /version, the
-playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for probes,
-Prometheus and browsers. Routes we do not serve fall through
-to the router's 404, which errors.py words as OpenAI does."""
+/v1/*, /tokenize, /detokenize and /tokenizer_info sit behind the API key; /health, /ready, /metrics,
+/version, the playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for
+probes, Prometheus and browsers. Routes we do not serve fall through to the router's 404, which
+errors.py words as OpenAI does. Every parsed body's unknown fields are named (app/api/ignored.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from app.api.deps import (
     CardDep,
     ClientDep,
     RecordDep,
+    ServerState,
     StateDep,
 )
 from app.api.errors import EngineFailed, NotFound, NotReady, error_response
@@ -54,6 +55,11 @@ public = APIRouter()
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.__pydantic_serializer__.to_json(model), status_code, media_type="application/json")
+
+
+def _received(body: BaseModel, state: ServerState, record: AccessRecord) -> None:
+    """Every parsed request body passes here: its unknown fields are logged and named in a header."""
+    record.ignored_fields = state.ignored_fields.note(body)
 
 
 def _check_model(requested: str | None, card: ServedModel) -> None:
@@ -108,7 +114,7 @@ class _Generation:
     work while the model loads, the ranks restart or the server drains."""
 
     request: Request
-    settings: Settings
+    state: ServerState
     card: ServedModel
     client: EngineClient
     admission: Admission
@@ -123,7 +129,7 @@ def _generation(
     admission: AdmissionDep,
     record: RecordDep,
 ) -> _Generation:
-    return _Generation(request, state.settings, card, client, admission, record)
+    return _Generation(request, state, card, client, admission, record)
 
 
 GenerationDep = Annotated[_Generation, Depends(_generation)]
@@ -138,17 +144,18 @@ async def _prepare(fn: Preparer, body: Any, g: _Generation) -> Prepared:
     # a grammar may compile for tens of milliseconds the first time: not on the event loop
     constrained = any(getattr(body, f, None) is not None for f in _CONSTRAINED_BY)
     if large or constrained:
-        return await asyncio.to_thread(fn, body, g.card, g.settings, now)
-    return fn(body, g.card, g.settings, now)
+        return await asyncio.to_thread(fn, body, g.card, g.state.settings, now)
+    return fn(body, g.card, g.state.settings, now)
 
 
 async def _generate(fn: Preparer, body: Any, g: _Generation) -> Response:
+    _received(body, g.state, g.record)
     _check_model(body.model, g.card)
     prep = await _prepare(fn, body, g)
     request, client, record = g.request, g.client, g.record
     ids = tuple(r.request_id for r in prep.requests)
     ticket = g.admission.admit(ids, prep.num_choices, prep.prompt_tokens, time.monotonic())  # or 429 now
-    if g.settings.log_prompts:  # off by default: prompts and outputs stay out of the logs
+    if g.state.settings.log_prompts:  # off by default: prompts and outputs stay out of the logs
         tok = g.card.tokenizer
         prompts = [tok.decode(r.prompt_token_ids, skip_special_tokens=False) for r in prep.requests]
         record.texts = {"prompts": prompts, "outputs": [""] * prep.num_choices}
@@ -199,7 +206,8 @@ async def list_models(card: CardDep) -> Response:
 
 
 @api.post("/tokenize", response_model=r.TokenizeResponse)
-async def tokenize(body: p.TokenizeRequest, card: CardDep) -> Response:
+async def tokenize(body: p.TokenizeRequest, card: CardDep, record: RecordDep, state: StateDep) -> Response:
+    _received(body, state, record)
     _check_model(body.model, card)
     tok = card.tokenizer
     if body.messages is not None:
@@ -220,10 +228,21 @@ async def tokenize(body: p.TokenizeRequest, card: CardDep) -> Response:
 
 
 @api.post("/detokenize", response_model=r.DetokenizeResponse)
-async def detokenize(body: p.DetokenizeRequest, card: CardDep) -> Response:
+async def detokenize(
+    body: p.DetokenizeRequest, card: CardDep, record: RecordDep, state: StateDep
+) -> Response:
+    _received(body, state, record)
     _check_model(body.model, card)
     check_vocab(body.tokens, card.vocab_size, "tokens")
     return _json(r.DetokenizeResponse(prompt=card.tokenizer.decode(body.tokens, skip_special_tokens=False)))
+
+
+@api.get("/tokenizer_info")
+async def tokenizer_info(card: CardDep) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: the tokenizer's configuration as tokenizer_config.json holds it (the
+    special tokens, the chat template, ...) and its class; lm-evaluation-harness's remote tokenizer
+    reads it."""
+    return card.tokenizer.config_info(card.max_model_len)
 
 
 # ---- probes, metrics, the playground -----------------------------------------------------------

@@ -35,6 +35,7 @@ from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
 from app.engine.client import EngineClient, OutputRouter
 from app.engine.types import ExecutorFailure
+from app.metrics import Metrics
 from app.settings import Settings
 
 log = logging.getLogger("shardserve.server")
@@ -51,6 +52,7 @@ def create_app(settings: Settings, loader: Loader, *, body_read_timeout: float =
             max_queued_tokens=settings.max_queued_tokens,
         ),
         api_keys=tuple(k.encode() for k in settings.api_key),
+        metrics=Metrics(settings.served_name),
     )
 
     @contextlib.asynccontextmanager
@@ -107,8 +109,12 @@ async def _load(state: ServerState, loader: Loader, router: OutputRouter) -> Bac
     card = backend.card
     state.client = EngineClient(backend.engine, router, on_request=metrics.request_added)
     state.card = card
-    log.info("ready: %s (%s, tp %d, context %d); compute: %s",
-             card.name, card.dtype, card.tp, card.max_model_len, card.compute)  # fmt: skip
+    where = ""
+    if state.url is not None:  # after Uvicorn's own start-up lines, which come before the model
+        await state.listening.wait()
+        where = f"; playground {state.url}/, API docs {state.url}/docs"
+    log.info("ready: %s (%s, tp %d, context %d); compute: %s%s",
+             card.name, card.dtype, card.tp, card.max_model_len, card.compute, where)  # fmt: skip
     return backend
 
 
@@ -155,6 +161,7 @@ class _DrainingServer(uvicorn.Server):
         # no descriptor
         for sock in sockets or ():
             sock.listen(BACKLOG)
+        self.state.listening.set()
 
     async def serve(self, sockets: list | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -233,6 +240,8 @@ def serve(
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
     host, port = sock.getsockname()[:2]
+    shown = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    state.url = f"http://{shown}:{port}"
     log.info(
         "listening on http://%s:%d (at most %d connections, request heads within %gs); loading the model",
         host, port, guard.max_connections, guard.head_timeout,

@@ -1,7 +1,8 @@
 """`shardserve` (and `python -m app`): download, generate, serve, inspect, bench.
 
 Options come from the Settings fields, so every flag has its SHARDSERVE_<NAME> twin and one
-description; flags given on the command line override the environment."""
+description; flags given on the command line override the environment. vLLM's command line
+(positional model, its spellings, --config, its flags we ignore or refuse) is app/cli/vllm_flags.py."""
 
 from __future__ import annotations
 
@@ -14,44 +15,71 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from app.bench import TARGETS
+from app.cli.vllm_flags import (
+    CONFIG_MODEL,
+    FLAG_ALIASES,
+    GROUP_HELP,
+    HELP_GROUPS,
+    add_foreign_flags,
+    check_foreign_flags,
+    expand_config,
+)
 from app.engine.types import ExecutorFailure
 from app.model.registry import describe_families  # torch-free: classes are imported on first use
-from app.settings import Settings
+from app.settings import DTYPE_ALIASES, Settings
 
 # Settings fields each subcommand takes (serve takes all of them).
-_MODEL_FIELDS = ("home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
+_HUB_FIELDS = ("revision", "hf_token", "download_dir")
+_MODEL_FIELDS = (*_HUB_FIELDS, "home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
                  "kv_cache_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens", "log_level")  # fmt: skip
 
 
 def _add_settings_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
-    for name, field in Settings.model_fields.items():
-        if names is not None and name not in names:
-            continue
-        flag = "--" + name.replace("_", "-")
-        env = f"SHARDSERVE_{name.upper()}"
-        # the families are named here, not in Settings: app/settings.py imports no model code, so the
-        # API that reads Settings stays torch-free
-        families = f"; families: {describe_families()}" if name == "model" else ""
-        help_text = f"{field.description or name}{families} [env {env}]"
-        ann = field.annotation
-        origin = typing.get_origin(ann)
-        args = typing.get_args(ann)
-        if ann is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-        elif origin is list or (args and typing.get_origin(args[0]) is list):
-            parser.add_argument(
-                flag, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
-            )
-        elif origin is typing.Literal:
-            parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+    """One flag per Settings field (all of them, or `names`), in vLLM's help groups."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for title, fields in HELP_GROUPS.items():
+        for name in fields:
+            if names is not None and name not in names:
+                continue
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title, GROUP_HELP[title])
+            _add_option(groups[title], name)
+
+
+def _add_option(group: argparse._ArgumentGroup, name: str) -> None:
+    field = Settings.model_fields[name]
+    flags = ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, ())]
+    # the families are named here, not in Settings: app/settings.py imports no model code, so the
+    # API that reads Settings stays torch-free
+    families = f"; families: {describe_families()}" if name == "model" else ""
+    help_text = f"{field.description or name}{families} [env SHARDSERVE_{name.upper()}]"
+    ann = field.annotation
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if ann is bool:
+        group.add_argument(
+            *flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
+    elif origin is list or (args and typing.get_origin(args[0]) is list):
+        group.add_argument(
+            *flags, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
+        )
+    elif origin is typing.Literal:
+        choices = (*args, *(DTYPE_ALIASES if name == "dtype" else ()))
+        group.add_argument(*flags, choices=choices, default=argparse.SUPPRESS, help=help_text)
+    else:
+        group.add_argument(*flags, default=argparse.SUPPRESS, help=help_text)
 
 
 def _settings(ns: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+    positional = getattr(ns, "model_tag", None)
+    if positional is not None:  # `serve MODEL`, as vLLM's
+        if overrides.get("model", positional) != positional:
+            raise ValueError(f"two models given: {positional} (positional) and --model {overrides['model']}")
+        overrides["model"] = positional
+    elif getattr(ns, "config_model", None) is not None:  # the command line wins over --config's file
+        overrides.setdefault("model", ns.config_model)
     return Settings(**overrides)
 
 
@@ -60,10 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("download", help="fetch a built-in model into the cache ($SHARDSERVE_HOME)")
-    p.add_argument("name", nargs="?", default=None, help="built-in model name (default: the default model)")
-    p.add_argument("--verify", action="store_true", help="re-check the sha256 of a cached file")
-    _add_settings_options(p, ("home",))
+    p = sub.add_parser(
+        "download",
+        help="fetch a built-in model ($SHARDSERVE_HOME) or a hub id (Hugging Face cache) ahead of serving",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help="built-in model name or hub id org/name (default: the default model)",
+    )
+    p.add_argument("--verify", action="store_true", help="re-check the sha256 of a cached built-in file")
+    _add_settings_options(p, ("home", *_HUB_FIELDS))
 
     p = sub.add_parser("generate", help="generate text from a prompt, printing tokens as they come")
     p.add_argument("--prompt", required=True)
@@ -78,10 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rank-offset", type=int, required=True, help="first rank run here (rank 0 is the leader's)"
     )
-    _add_settings_options(p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home"))
+    _add_settings_options(
+        p, ("dist_init", "tp", "local_ranks", "device", "log_level", "model", "home", *_HUB_FIELDS)
+    )
 
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible HTTP API", usage="shardserve serve [MODEL] [options]"
+    )
+    p.add_argument(
+        "model_tag", nargs="?", metavar="MODEL", help="the model, as vLLM takes it (same as --model)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="flags from a YAML file (keys are flag names; the command line wins)",
+    )
+    p.add_argument(CONFIG_MODEL, help=argparse.SUPPRESS)
     _add_settings_options(p)
+    add_foreign_flags(p)
 
     p = sub.add_parser("inspect", help="what a model costs in memory, from its metadata alone")
     p.add_argument(
@@ -106,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_settings_options(
-        p, ("home", "model", "device", "kernels", "max_model_len", "max_num_seqs", "block_size")
+        p, ("home", "model", "device", "kernels", "max_model_len", "max_num_seqs", "block_size", *_HUB_FIELDS)
     )
 
     p = sub.add_parser(
@@ -117,32 +167,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings, list[str]]:
+    """The parsed command line (a --config file expanded), its Settings, and the warning lines of
+    the vLLM flags it ignores; ValueError (or ValidationError) for what it refuses."""
+    bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
+    ns = build_parser().parse_args(expand_config(argv, bools))
+    settings = _settings(ns)
+    return ns, settings, check_foreign_flags(ns, settings.model, settings.revision)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
     try:
-        settings = _settings(ns)
+        ns, settings, warnings = parse_args(sys.argv[1:] if argv is None else argv)
     except ValidationError as e:
         err = e.errors()[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
         where = "--" + str(err["loc"][0]).replace("_", "-") + ": " if err["loc"] else ""
         print(f"shardserve: error: {where}{msg}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        print(f"shardserve: error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for line in warnings:
+        logging.getLogger("shardserve").warning(line)
     try:
         if ns.command == "download":
+            from app.model.hub import HubOptions, is_hub_id, snapshot
             from app.model.store import download_model
 
-            path = download_model(ns.name or settings.model, settings.home, verify=ns.verify)
-            print(path)
+            name = ns.name or settings.model
+            if is_hub_id(name.strip()):
+                print(snapshot(name.strip(), HubOptions.of(settings, sys.stderr.isatty())))
+                return 0
+            print(download_model(name, settings.home, verify=ns.verify))
             return 0
         if ns.command == "generate":
             from app.cli.generate import generate
 
             return generate(settings, ns)
         if ns.command == "rank":
+            from app.model.hub import HubOptions
             from app.model.store import ensure_model
             from app.worker.remote import run_remote_ranks
 
@@ -150,7 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError("--dist-init is required: the leader's rendezvous address tcp://HOST:PORT")
             n = settings.local_ranks or settings.tp - ns.rank_offset
             # this machine's copy of the model (a built-in name resolves in its own cache)
-            model = ensure_model(settings.model, settings.home) if "model" in vars(ns) else None
+            model = (
+                ensure_model(settings.model, settings.home, hub=HubOptions.of(settings))
+                if "model" in vars(ns)
+                else None
+            )
             return run_remote_ranks(
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )

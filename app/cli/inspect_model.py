@@ -14,6 +14,7 @@ from app.device import Device
 from app.kernels import describe as describe_kernels
 from app.kernels import resolve as resolve_kernels
 from app.model.costs import PARTS, ModelCosts, SplitCost, model_costs
+from app.model.hub import HubOptions
 from app.model.memory import KV_BYTES, kv_cache_dtype
 from app.model.store import resolve_model
 from app.settings import Settings
@@ -106,7 +107,7 @@ def _dtypes(asked: list[str] | None, settings: Settings, device: Device) -> tupl
 
 
 def inspect_command(settings: Settings, ns: argparse.Namespace) -> int:
-    path = resolve_model(settings.model, settings.home)
+    path = resolve_model(settings.model, settings.home, HubOptions.of(settings))
     device = Device.resolve(settings.device)
     dtypes, served = _dtypes(getattr(ns, "dtypes", None), settings, device)
     kernels_on = device.kind == "cpu" and resolve_kernels(settings.kernels) != "torch"

@@ -212,10 +212,20 @@ class Engine:
                 self._handle_failure(str(e))
                 return
             now = time.monotonic()
+            for part in result.prompt_logprobs:
+                seq = self._seqs.get(part.seq_id)
+                if seq is not None and not seq.is_finished:
+                    seq.add_scored_prompt(part)
             for tok in result.tokens:
                 seq = self._seqs.get(tok.seq_id)
                 if seq is None or seq.is_finished:
                     continue  # aborted while the step ran
+                if seq.sampling.max_tokens == 0:  # the prompt scored (echo), nothing generated
+                    out = self.outputs.finish_early(seq, FinishReason.LENGTH)
+                    outs.append(replace(out, prompt_logprobs=self.outputs.prompt_logprobs(seq)))
+                    self.scheduler.finish(seq)
+                    self._seqs.pop(seq.seq_id, None)
+                    continue
                 if seq.matcher is not None:
                     problem = self._advance_grammar(seq, tok)
                     if problem is not None:

@@ -97,14 +97,7 @@ class OutputProcessor:
         seq.finish_reason = reason
         logprobs = ()
         if tok.logprob is not None:
-            logprobs = (
-                TokenLogprob(
-                    tok.token_id,
-                    self.tokenizer.token_text(tok.token_id),
-                    tok.logprob,
-                    tuple((i, self.tokenizer.token_text(i), lp) for i, lp in tok.top_logprobs),
-                ),
-            )
+            logprobs = (self._logprob(tok.token_id, tok.logprob, tok.top_logprobs),)
         if reason is not None:
             self.streams.pop(seq.seq_id, None)
         return RequestOutput(
@@ -118,7 +111,24 @@ class OutputProcessor:
             completion_tokens=n_out,
             cached_tokens=seq.num_cached_tokens,
             queue_time=queue_time,
+            prompt_logprobs=self.prompt_logprobs(seq) if n_out == 1 else None,
         )
+
+    def _logprob(
+        self, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], rank: int | None = None
+    ) -> TokenLogprob:
+        text, raw = self.tokenizer.token_text, self.tokenizer.token_bytes
+        return TokenLogprob(
+            token_id, text(token_id), logprob, tuple((i, text(i), lp) for i, lp in top),
+            raw(token_id), tuple(raw(i) for i, _ in top), rank,
+        )  # fmt: skip
+
+    def prompt_logprobs(self, seq: Sequence) -> tuple[TokenLogprob, ...] | None:
+        """The scored prompt, for the choice's first output (None unless the request asked)."""
+        if seq.sampling.prompt_logprobs is None:
+            return None
+        assert all(t is not None for t in seq.scored_prompt), "a prompt position was never scored"
+        return tuple(self._logprob(t.token_id, t.logprob, t.top_logprobs, t.rank) for t in seq.scored_prompt)  # type: ignore[union-attr]
 
     def finish_early(
         self, seq: Sequence, reason: FinishReason, error: str | None = None, *, choice_only: bool = False

@@ -151,7 +151,8 @@ class Scheduler:
                 self.waiting.pop(0)
                 self._drop(seq)
                 continue
-            hits = self.block_manager.lookup(seq)
+            # a prompt to be scored is computed whole: cached blocks would skip the logits it needs
+            hits = [] if seq.needs_prompt_logprobs else self.block_manager.lookup(seq)
             n = self._chunk_len(seq.num_tokens - len(hits) * self.config.block_size, budget)
             if n == 0 or not self.block_manager.can_allocate(seq, hits, n):
                 break  # strict FCFS: nobody overtakes the head of the queue
@@ -211,6 +212,7 @@ class Scheduler:
             block_table=tuple(seq.block_table),
             sample=seq.num_computed_tokens == seq.num_tokens,
             num_output_tokens=seq.num_output_tokens,
+            prompt_logprob_rows=seq.prompt_logprob_rows(start, n),
         )
 
     def _preempt(self, seq: Sequence) -> None:

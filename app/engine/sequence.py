@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from app.engine.types import FinishReason, GenerateRequest, GrammarMatcher, SamplingParams
+from app.engine.types import (
+    FinishReason,
+    GenerateRequest,
+    GrammarMatcher,
+    PromptLogprobs,
+    SamplingParams,
+    ScoredToken,
+)
 
 
 class SeqStatus(Enum):
@@ -60,6 +67,9 @@ class Sequence:
     # llguidance matcher of a constrained sequence (app/engine/grammar.py): fed every sampled token,
     # it gives the mask of the next one. Kept across preemption: output tokens are never taken back.
     matcher: GrammarMatcher | None = None
+    # With sampling.prompt_logprobs: prompt tokens 1.. scored so far, by position - 1; handed out with
+    # the first output. A chunk computed again after a preemption scores the same tokens the same way.
+    scored_prompt: list[ScoredToken | None] = field(default_factory=list)
 
     @classmethod
     def from_request(
@@ -103,6 +113,24 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Running and only its last sampled token is left to compute."""
         return self.num_uncomputed_tokens == 1 and bool(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt must be scored: computed whole (no prefix cache hits), logits for every row."""
+        return self.sampling.prompt_logprobs is not None and not self.output_token_ids
+
+    def prompt_logprob_rows(self, start: int, n: int) -> int:
+        """How many of the rows at positions [start, start + n) score a prompt token (the row at p
+        scores the token at p + 1); the prompt's last row samples the first output instead."""
+        if not self.needs_prompt_logprobs:
+            return 0
+        return max(0, min(start + n, self.num_prompt_tokens - 1) - start)
+
+    def add_scored_prompt(self, part: PromptLogprobs) -> None:
+        if not self.scored_prompt:
+            self.scored_prompt = [None] * (self.num_prompt_tokens - 1)
+        first = part.first_pos - 1
+        self.scored_prompt[first : first + len(part.tokens)] = part.tokens
 
     @property
     def is_finished(self) -> bool:

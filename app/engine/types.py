@@ -43,6 +43,9 @@ class SamplerParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids already checked
     seed: int | None = None  # a seeded choice samples the same tokens whatever its batch neighbours
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled one plus k top alternatives
+    # None: none; k >= 0: every prompt token's logprob (from the first on) plus k top alternatives,
+    # scored on rank 0. Such a prompt is computed whole, never taken from the prefix cache.
+    prompt_logprobs: int | None = None
     min_tokens: int = 0  # EOS and stop ids are masked until this many tokens exist
 
     @property
@@ -102,7 +105,7 @@ class SeqSampling:
 
     seq_id: int
     params: SamplerParams
-    prompt_token_ids: tuple[int, ...]  # for the repetition penalty; empty without one
+    prompt_token_ids: tuple[int, ...]  # for the repetition penalty and prompt scoring; else empty
     end_token_ids: tuple[int, ...]  # masked while fewer than min_tokens exist
 
     @classmethod
@@ -117,7 +120,8 @@ class SeqSampling:
             # copies; seed + index as vLLM does, so choice 0 matches the same request with n = 1.
             params = replace(params, seed=p.seed + index)
         ends = (*p.stop_token_ids, *(() if p.ignore_eos else eos)) if p.min_tokens else ()
-        return cls(seq_id, params, prompt if p.repetition_penalty != 1.0 else (), ends)
+        needs_prompt = p.repetition_penalty != 1.0 or p.prompt_logprobs is not None
+        return cls(seq_id, params, prompt if needs_prompt else (), ends)
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,9 @@ class SeqChunk:
     block_table: tuple[int, ...]  # KV blocks covering positions [0, start_pos + len(token_ids))
     sample: bool  # sample a token after this chunk (False for all but the last prefill chunk)
     num_output_tokens: int = 0  # tokens generated so far: the seeded generator's step index
+    # The first this many rows score the prompt token after them (prompt_logprobs): every rank computes
+    # their logits (the LM head is a collective), rank 0 answers with a PromptLogprobs.
+    prompt_logprob_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,12 +171,32 @@ class SampledToken:
 
 
 @dataclass(frozen=True)
+class ScoredToken:
+    """A prompt token under the model's raw distribution at the position before it."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + how many tokens are strictly more likely (vLLM's rank)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the k most likely (id, logprob)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Prompt tokens scored by one chunk: the tokens at positions first_pos, first_pos + 1, ..."""
+
+    seq_id: int
+    first_pos: int  # >= 1: the first prompt token has nothing before it to be scored by
+    tokens: tuple[ScoredToken, ...]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """Rank 0's answer to a StepPlan: one token for every chunk with sample=True."""
 
     step_id: int
     tokens: tuple[SampledToken, ...]
     error: str | None = None  # a rank failed this step; every sequence in it ends with ERROR
+    prompt_logprobs: tuple[PromptLogprobs, ...] = ()  # one for every chunk with prompt_logprob_rows
 
 
 # ---- engine -> API -----------------------------------------------------------------------
@@ -178,9 +205,12 @@ class StepOutput:
 @dataclass(frozen=True)
 class TokenLogprob:
     token_id: int
-    token: str  # the token's text (bytes shown as in OpenAI's API when not valid UTF-8)
+    token: str  # the token's text (U+FFFD where it holds part of a character, as vLLM)
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob)
+    bytes: bytes = b""  # the token's own bytes, also when they are part of a character
+    top_bytes: tuple[bytes, ...] = ()  # the same for each of top
+    rank: int | None = None  # prompt tokens: 1 + how many tokens were strictly more likely
 
 
 @dataclass(frozen=True)
@@ -201,6 +231,9 @@ class RequestOutput:
     # answers, the choice says finish_reason "error". Otherwise ERROR fails the whole request.
     choice_error: bool = False
     queue_time: float | None = None  # on a choice's first token: arrival to its first scheduled step
+    # On a choice's first output, with sampling.prompt_logprobs: prompt tokens 1.. scored (token 0 has
+    # nothing before it); None otherwise.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -275,6 +308,8 @@ class TokenDecoder(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
 
     def is_special(self, token_id: int) -> bool: ...
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from app.device import Device
 from app.kernels import CpuKernels
@@ -92,7 +93,9 @@ def load_model(
     *,
     device: Device | None = None,
     kernels: CpuKernels | None = None,
+    progress: bool = False,
 ) -> LoadedModel:
+    """`progress`: a bar over the tensors loaded (on stderr)."""
     t0 = time.perf_counter()
     config = read_config(path)
     try:
@@ -116,7 +119,10 @@ def load_model(
             raise ModelLoadError(f"{path}: missing weights {', '.join(missing[:3])}{more}")
         uploader = device.uploader()
         with torch.no_grad():
-            for name in sorted(loaders):  # file order does not matter: each loader writes its own view
+            names = tqdm(
+                sorted(loaders), desc="loading weights", unit="tensor", disable=not progress, leave=False
+            )
+            for name in names:  # file order does not matter: each loader writes its own view
                 read = ckpt.reader(available[name])
                 loaders[name](lambda rows, cols, read=read: uploader.upload(read(rows, cols)))
             device.synchronize()

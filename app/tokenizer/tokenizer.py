@@ -3,7 +3,8 @@
 One ``Tokenizer`` per served model, built once at start-up and read-only afterwards (safe to share
 between threads). It wraps a ``tokenizers.Tokenizer`` so encode/decode run in Rust, and it gathers
 everything the rest of the server needs to know about the vocabulary: BOS policy, every id that
-ends generation, the chat template(s) and the model's sampling defaults.
+ends generation, the chat template(s), and the sampling defaults that start-up decides
+(app/model/generation_config.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class TokenizerError(ValueError):
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -70,6 +70,7 @@ class Tokenizer:
         self._pad = pad_token_id
         self._special_tokens = dict(special_tokens)  # bos_token, eos_token, ... for the templates
         self._templates = dict(chat_templates)
+        # sampling defaults where a request is silent: app/model/generation_config.py decides them
         self.generation_defaults: dict[str, Any] = dict(generation_defaults or {})
         self.source = source
         added = backend.get_added_tokens_decoder()
@@ -187,7 +188,6 @@ class Tokenizer:
             pad_token_id=pad,
             special_tokens=names,
             chat_templates=_hf_templates(root, config),
-            generation_defaults={k: gen[k] for k in _SAMPLING_KEYS if gen.get(k) is not None},
             source=str(root),
         )
 
@@ -260,6 +260,18 @@ class Tokenizer:
                 return bytes([int(text[3:5], 16)])
             return text.replace("▁", " ").encode("utf-8")
         return self._backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def config_info(self, max_model_len: int) -> dict[str, Any]:
+        """What vLLM's /tokenizer_info serves: the tokenizer's configuration as tokenizer_config.json
+        holds it (added tokens by their content, as vLLM flattens them), its class and chat template."""
+        added = self._backend.get_added_tokens_decoder()
+        info: dict[str, Any] = {k: v for k, v in self._special_tokens.items() if v is not None}
+        info["added_tokens_decoder"] = {str(i): t.content for i, t in sorted(added.items())}
+        info["model_max_length"] = max_model_len
+        info["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self.chat_template is not None:
+            info["chat_template"] = self.chat_template
+        return info
 
     # ---- chat ---------------------------------------------------------------------------------
 

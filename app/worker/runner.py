@@ -12,6 +12,8 @@ import torch
 from app.engine.types import SampledToken, StepOutput, StepPlan
 from app.layers.attention import build_kernel_metadata, build_spans
 from app.model.loader import LoadedModel
+from app.model.memory import resident_bytes
+from app.worker.prompt_scoring import score_prompts
 from app.worker.sampler import Sampler
 
 
@@ -64,6 +66,12 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.kv_storage.numel() * self.kv_storage.element_size()
 
+    def kv_cache_resident_bytes(self) -> int | None:
+        """The part of the KV reservation in RAM now (CPU; a device's memory is all taken at once)."""
+        if self.kv_storage.device.type != "cpu":
+            return self.kv_cache_bytes
+        return resident_bytes(self.kv_storage.data_ptr(), self.kv_cache_bytes)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan, masks: Callable[[], bytes] | None = None) -> StepOutput | None:
         """masks: on rank 0 of a plan with masked_seq_ids, reads their bitmasks (sent after the plan)."""
@@ -83,14 +91,24 @@ class ModelRunner:
     def logits(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward of a plan: logits [sampled chunks, vocab] (every rank computes them: the LM
         head's all-gather is a collective), or None when no chunk samples."""
+        return self._sample_logits(plan, self._hidden(plan))
+
+    def _sample_logits(self, plan: StepPlan, hidden: torch.Tensor) -> torch.Tensor | None:
+        sample_rows, row = [], 0
+        for c in plan.chunks:
+            row += len(c.token_ids)
+            if c.sample:
+                sample_rows.append(row - 1)
+        if not sample_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+
+    def _hidden(self, plan: StepPlan) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
-        sample_rows: list[int] = []
         for c in plan.chunks:
             ids.extend(c.token_ids)
             positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
-            if c.sample:
-                sample_rows.append(len(ids) - 1)
         query_lens = [len(c.token_ids) for c in plan.chunks]
         tables = [c.block_table for c in plan.chunks]
         if self.loaded.kernels is not None:
@@ -102,17 +120,16 @@ class ModelRunner:
             ends = [c.start_pos + len(c.token_ids) for c in plan.chunks]
             # batch_invariant: the engine promises batched == alone, bitwise
             meta = build_spans(query_lens, ends, tables, self.block_size, batch_invariant=True)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
-        if not sample_rows:
-            return None
-        return self.model.compute_logits(hidden[torch.tensor(sample_rows)])
+        return self.model(torch.tensor(ids), torch.tensor(positions), self.kv_caches, meta)
 
     def _forward(self, plan: StepPlan, masks: Callable[[], bytes] | None) -> StepOutput | None:
-        logits = self.logits(plan)
-        if logits is None:
-            return StepOutput(plan.step_id, ()) if self.sampler is not None else None
+        hidden = self._hidden(plan)
+        scored = score_prompts(self.model.compute_logits, hidden, plan, self.sampler)
+        logits = self._sample_logits(plan, hidden)
         if self.sampler is None:
             return None
+        if logits is None:
+            return StepOutput(plan.step_id, (), prompt_logprobs=scored)
         sampling = [c for c in plan.chunks if c.sample]
         allowed = None
         if plan.masked_seq_ids:
@@ -123,4 +140,4 @@ class ModelRunner:
         tokens: list[SampledToken] = self.sampler.sample(
             logits, [c.seq_id for c in sampling], [c.num_output_tokens for c in sampling], allowed
         )
-        return StepOutput(plan.step_id, tuple(tokens))
+        return StepOutput(plan.step_id, tuple(tokens), prompt_logprobs=scored)

@@ -21,7 +21,7 @@ from app.engine.types import NO_TOKEN, SampledToken, SamplerParams, SeqSampling
 class _SeqState:
     params: SamplerParams
     end_ids: tuple[int, ...]  # banned while fewer than min_tokens exist
-    prompt_ids: torch.Tensor  # long, for the repetition penalty
+    prompt_ids: torch.Tensor  # long, for the repetition penalty and prompt scoring
     output_counts: dict[int, int] = field(default_factory=dict)
 
 

@@ -17,6 +17,7 @@ import os
 import pickle
 import resource
 import signal
+import sys
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -71,6 +72,7 @@ class RankReady:
     load_seconds: float
     peak_rss_bytes: int  # ru_maxrss after loading: the rank's peak while loading
     compute: str = "torch"  # the compute path this rank runs (app/kernels.describe)
+    kv_cache_resident_bytes: int | None = None  # of kv_cache_bytes, what is in RAM (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,13 @@ def worker_main(
             # add wake-ups (~56 us each, passive) to the small element-wise ops left to torch.
             torch.set_num_threads(1)
         loaded = load_model(
-            launch.model_path, launch.dtype, TPContext(rank, s.tp), comm, device=device, kernels=kernels
+            launch.model_path,
+            launch.dtype,
+            TPContext(rank, s.tp),
+            comm,
+            device=device,
+            kernels=kernels,
+            progress=rank == 0 and sys.stderr.isatty(),  # one bar, and only for a person watching
         )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the KV cache
         fault = Fault.from_env(rank)  # a malformed SHARDSERVE_FAULT is a start-up error
@@ -142,8 +150,9 @@ def worker_main(
             if kernels is not None:
                 compute += f", {kernels.threads} thread{'s' * (kernels.threads > 1)}"
             ready = RankReady(
-                rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak, compute
-            )
+                rank, loaded.weight_bytes, runner.kv_cache_bytes, loaded.load_seconds, peak, compute,
+                runner.kv_cache_resident_bytes(),
+            )  # fmt: skip
             conn.send(ready)
     except Exception as e:  # report, then exit: the pool turns this into a clear start-up error
         # A ValueError (ModelLoadError, ShardingError, ...) already says file and problem in one line.

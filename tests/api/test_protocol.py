@@ -115,7 +115,8 @@ def test_shared_bounds(cls: type, base: dict, field: str, bad: object, good: obj
         ({"prompt": "x", "suffix": "tail"}, "suffix"),
         ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
         ({"prompt": "x", "n": 2, "best_of": 1}, "best_of"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "prompt_logprobs": p.MAX_PROMPT_LOGPROBS + 1}, "prompt_logprobs"),
+        ({"prompt": "x", "stream": True, "prompt_logprobs": 0}, "prompt_logprobs"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
@@ -250,7 +251,7 @@ def test_unknown_fields_ignored_and_null_means_default() -> None:
         }
     )
     assert req.n == 1 and req.stream is False and req.stop is None
-    assert not hasattr(req, "frobnicate")
+    assert req.model_extra == {"frobnicate": {"deep": [1]}, "metadata": {"a": "b"}, "store": True}
     chat = p.ChatCompletionRequest.model_validate({**MSGS, "service_tier": "auto", "modalities": ["text"]})
     assert chat.messages[0].content == "hi"
 
@@ -533,7 +534,8 @@ def test_defaulted_max_tokens_is_clipped_to_the_room_left() -> None:
 
 
 def test_chat_response_validates_as_openai_types() -> None:
-    lp = [TokenLogprob(5, "Hi", -0.5, ((5, "Hi", -0.5), (6, "bytes:\\xe2\\x80", -math.inf)))]
+    top = ((5, "Hi", -0.5), (6, "\ufffd", -math.inf))
+    lp = [TokenLogprob(5, "Hi", -0.5, top, bytes=b"Hi", top_bytes=(b"Hi", b"\xe2\x80"))]
     resp = r.ChatCompletionResponse(
         model="m",
         usage=r.UsageInfo.of(3, 1, cached_tokens=2),
@@ -650,12 +652,6 @@ def test_tokenize_requests() -> None:
     assert rejected(p.TokenizeRequest, {"prompt": "x", **MSGS}).param is None
     assert rejected(p.DetokenizeRequest, {"tokens": [1, -1]}).param == "tokens[1]"
     assert p.DetokenizeRequest.model_validate({"tokens": [1, 2]}).tokens == [1, 2]
-
-
-def test_token_bytes() -> None:
-    assert r.token_bytes("é") == [0xC3, 0xA9]
-    assert r.token_bytes("bytes:\\xc3") == [0xC3]
-    assert r.token_bytes("bytes: literal") == list(b"bytes: literal")
 
 
 # ---- errors: OpenAI error objects, statuses, and the FastAPI handlers -----------------------------

@@ -90,7 +90,8 @@ def test_chat_greedy_equals_transformers_with_logprobs(client, hf) -> None:
     assert r.usage.completion_tokens == len(new)
     entries = choice.logprobs.content
     emitted = [e for e, t in zip(entries, new, strict=False) if t != hf[1].eos_token_id]
-    assert b"".join(bytes(e.bytes) for e in emitted).decode() == choice.message.content
+    # each token's own bytes (a random model emits stray pieces of characters, U+FFFD in the text)
+    assert b"".join(bytes(e.bytes) for e in emitted).decode(errors="replace") == choice.message.content
     ours_lp = torch.tensor([e.logprob for e in entries])
     assert torch.allclose(ours_lp, ref_logprobs[: len(entries)], atol=1e-3)
     for e in entries:  # greedy: the pick is the likeliest of the tops

@@ -265,6 +265,47 @@ def test_prefix_cache_hit_equals_miss(tiny):
     assert again.token_ids == hit.token_ids and again.logprobs == hit.logprobs
 
 
+def scored_prompt(c: Choice) -> list[tuple]:
+    (first,) = [o for o in c.outputs if o.prompt_logprobs is not None]
+    return [(lp.token_id, lp.logprob, lp.rank, lp.top) for lp in first.prompt_logprobs]
+
+
+def test_prompt_logprobs_ignore_batch_chunks_cache_and_preemption(tiny, tiny_hf):
+    """Every prompt token is scored (a cached prefix is computed again), the same whatever the
+    batch, the chunking, a preemption mid-prefill or the rank count; max_tokens 0 scores only."""
+    ps = prompts(tiny)
+    long, other = ps[2], ps[1]  # 6 and 3 blocks
+    scored = request(long, max_tokens=4, prompt_logprobs=2)
+    expected = alone(tiny, scored, max_num_batched_tokens=512)
+    got = scored_prompt(expected)
+    assert [t for t, *_ in got] == list(long[1:]) and all(len(top) == 2 for *_, top in got)
+    if tiny.dtype == "fp32":
+        with torch.no_grad():
+            ref = torch.log_softmax(tiny_hf(torch.tensor([long])).logits[0, :-1], dim=-1)
+        want = ref.gather(1, torch.tensor(long[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor([lp for _, lp, *_ in got]), want, atol=1e-4)
+        assert [r for _, _, r, _ in got] == [
+            int((row > row[t]).sum()) + 1 for row, t in zip(ref, long[1:], strict=True)
+        ]
+    # 8 blocks, chunks of 16: the long prompt is preempted mid-prefill while a decoding neighbour grows,
+    # after its prefix was cached by an earlier request
+    h = Harness(tiny, kv_cache_tokens=8 * BLOCK, max_num_batched_tokens=16)
+    h.run({0: [request(long, max_tokens=1)]})
+    neighbour = request(other, max_tokens=60)
+    again = request(long, max_tokens=4, prompt_logprobs=2)
+    only = request(long, max_tokens=0, prompt_logprobs=2)
+    run = h.run({0: [neighbour], 1: [again], 30: [only]})
+    assert h.scheduler.preemptions_total > 0
+    for req in (again, only):
+        c = run[(req.request_id, 0)]
+        assert scored_prompt(c) == got and c.outputs[-1].cached_tokens == 0
+    assert_same(run[(again.request_id, 0)], expected)
+    assert (
+        run[(only.request_id, 0)].token_ids == []
+        and run[(only.request_id, 0)].finish_reason is FinishReason.LENGTH
+    )
+
+
 def test_seeded_sampling_ignores_batch_neighbours(tiny):
     ps = prompts(tiny)
     sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 50}

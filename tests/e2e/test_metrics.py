@@ -88,6 +88,20 @@ def test_every_contract_metric_is_exported_with_its_type(server):
     assert contract_names() <= set(families), contract_names() - set(families)
 
 
+def test_every_series_carries_the_model_name_label(server):
+    """As vLLM's: one Prometheus scraping several servers tells the models apart."""
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as h:  # histograms with samples
+        assert h.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+    families, _ = scrape(server.url)
+    samples = [s for f in families.values() for s in f.samples]
+    assert len(samples) > 100
+    assert {s.labels.get("model_name") for s in samples} == {"tiny"}, [
+        s for s in samples if s.labels.get("model_name") != "tiny"
+    ][:3]
+    # the other labels are still there, beside it
+    assert value(families, "shardserve_requests_finished", reason="length", model_name="tiny") >= 1
+
+
 def test_counters_move_with_real_traffic(server):
     before, _ = scrape(server.url)
     usage = {"prompt": 0, "completion": 0}

@@ -174,6 +174,36 @@ def test_guided_choice_and_regex(client) -> None:
     assert r.choices[0].text in ("yes", "no")
 
 
+def test_structured_outputs_constrains_both_endpoints_as_the_guided_fields_do(client) -> None:
+    """vLLM's current field: each kind gives what its guided_* twin gives, on chat and completions."""
+    open_person = {k: v for k, v in PERSON.items() if k != "additionalProperties"}
+    kinds = {
+        "json": open_person,
+        "regex": r"\d{3}-\d{4}",
+        "choice": ["yes", "no", "maybe"],
+        "grammar": 'root ::= "red" | "green" | "blue"',
+    }
+    for kind, value in kinds.items():
+        new = chat(client, "Answer me.", extra_body={"structured_outputs": {kind: value}}, temperature=0)
+        old = chat(client, "Answer me.", extra_body={f"guided_{kind}": value}, temperature=0)
+        assert new.choices[0].message.content == old.choices[0].message.content
+        text = client.completions.create(
+            model="smol", prompt="Answer:", max_tokens=48, temperature=0,
+            extra_body={"structured_outputs": {kind: value}},
+        ).choices[0].text  # fmt: skip
+        if kind == "json":
+            jsonschema.validate(json.loads(text), open_person)
+        elif kind == "regex":
+            assert re.fullmatch(value, text)
+        else:
+            assert text in (value if kind == "choice" else ["red", "green", "blue"])
+    obj = chat(client, "2+2? JSON.", extra_body={"structured_outputs": {"json_object": True}}, temperature=0)
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    closed = {"structured_outputs": {"json": open_person, "disable_additional_properties": True}}
+    text = chat(client, "A person, with many more fields.", extra_body=closed, temperature=0).choices[0]
+    jsonschema.validate(json.loads(text.message.content), PERSON)  # no property beyond name and age
+
+
 def test_cut_by_max_tokens_is_length_and_no_token_left_is_error(client) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
     r = chat(client, "A person.", response_format=fmt, max_tokens=3, temperature=0).choices[0]
@@ -319,6 +349,16 @@ def test_a_constrained_neighbour_does_not_change_a_free_greedy_output(server) ->
         ({"extra_body": {"guided_choice": []}}, None, "guided_choice"),
         ({"extra_body": {"guided_grammar": "root ::= ("}}, "guided_grammar", "GBNF"),
         ({"extra_body": {"guided_choice": ["a"], "guided_regex": "a"}}, "guided_choice", "at most one"),
+        (
+            {"extra_body": {"structured_outputs": {"choice": ["a"]}, "guided_regex": "a"}},
+            "guided_regex",
+            "not structured_outputs and guided_regex",
+        ),
+        ({"extra_body": {"structured_outputs": {"choice": ["a"], "regex": "a"}}}, None, "exactly one"),
+        ({"extra_body": {"structured_outputs": {}}}, None, "none given"),
+        ({"extra_body": {"structured_outputs": {"regex": "a(b"}}}, "structured_outputs", "unclosed group"),
+        ({"extra_body": {"structured_outputs": {"json": "[1]"}}}, "structured_outputs.json", "object"),
+        ({"extra_body": {"structured_outputs": {"structural_tag": "{}"}}}, None, "not supported"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",

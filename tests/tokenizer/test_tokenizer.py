@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import regex
 from transformers import AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from app.model.generation_config import sampling_defaults
 from app.tokenizer import gguf_vocab
 from app.tokenizer.chat_template import ChatTemplateError
 from app.tokenizer.tokenizer import Tokenizer, TokenizerError
@@ -120,6 +122,15 @@ def test_token_text_and_bytes(ours: Tokenizer, reference) -> None:
             assert ours.token_text(i) == reference.convert_tokens_to_string(
                 [reference.convert_ids_to_tokens(i)]
             )
+    # each token's own bytes, pieces of a character included (logprobs' `bytes`): the GGUF token's
+    # spelling read back through transformers' GPT-2 byte map
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    partial = 0
+    for i in ours.encode("🙂🚀✨ 日本語のテキスト。Русский", add_special_tokens=False):
+        raw = bytes(byte_of[c] for c in reference.convert_ids_to_tokens(i))
+        assert ours.token_bytes(i) == raw
+        partial += "\ufffd" in ours.token_text(i)
+    assert partial  # some tokens hold only part of a character
 
 
 def test_hf_directory(tmp_path: Path, reference) -> None:
@@ -143,7 +154,8 @@ def test_hf_directory(tmp_path: Path, reference) -> None:
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
     assert set(ours.eos_token_ids) == {ref.eos_token_id, 2, 0} and ours.eos_token_ids[0] == ref.eos_token_id
     assert ours.bos_token_id == ref.bos_token_id and ours.pad_token_id == ref.pad_token_id
-    assert ours.generation_defaults == {"temperature": 0.2, "top_p": 0.9, "top_k": 40}
+    # the sampling defaults are read by app/model/generation_config.py, the one owner of them
+    assert sampling_defaults("auto", {}, tmp_path)[0] == {"temperature": 0.2, "top_p": 0.9, "top_k": 40}
     assert ours.chat_template == ref.chat_template is not None
     # the newer layout: a chat_template.jinja beside tokenizer.json wins
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from app.engine.types import SamplingParams, SeqChunk, SeqSampling, StepPlan
 from app.settings import Settings
 from app.worker.pool import RankFailure, WorkerPool
 from tests.support.api_server import process_alive
@@ -22,6 +23,24 @@ SHAPE = dict(
 )  # 9 q / 3 kv: uneven at TP=2
 PROMPT = list(range(5, 29))
 STEPS = 12
+
+
+def _score(pool: WorkerPool, prompt: list[int], k: int = 3) -> list:
+    """Prompt logprobs of prompt, computed in two chunks (seq 1; seq 0 is done with its blocks)."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k)
+    half, table = len(prompt) // 2, tuple(range(4))
+    chunks = (
+        SeqChunk(1, tuple(prompt[:half]), 0, table, False, 0, prompt_logprob_rows=half),
+        SeqChunk(1, tuple(prompt[half:]), half, table, True, 0, prompt_logprob_rows=len(prompt) - 1 - half),
+    )
+    new = (SeqSampling.of(1, params, 0, tuple(prompt), ()),)
+    parts = [
+        p
+        for i, c in enumerate(chunks)
+        for p in pool.execute(StepPlan(100 + i, (c,), new if i == 0 else ())).prompt_logprobs
+    ]
+    assert [p.first_pos for p in parts] == [1, half + 1]
+    return [t for p in parts for t in p.tokens]
 
 
 def _shm_segments() -> set[str]:
@@ -42,8 +61,9 @@ def reference(model_dir):
             torch.tensor([PROMPT]), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
             output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
+        prompt_logits = hf(torch.tensor([PROMPT])).logits[0, :-1]
     logp = torch.log_softmax(torch.cat(out.logits), dim=-1)
-    return out.sequences[0, len(PROMPT) :].tolist(), logp
+    return out.sequences[0, len(PROMPT) :].tolist(), logp, torch.log_softmax(prompt_logits, dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +78,19 @@ def tp1(model_dir):
 
 @pytest.mark.parametrize("tp", [1, 2, 3])
 def test_tp_equals_tp1_and_transformers(model_dir, reference, tp1, tp):
-    ref_tokens, ref_logp = reference
+    ref_tokens, ref_logp, ref_prompt = reference
     pool = small_pool(model_dir, tp)
     ready = pool.start()
     try:
         tokens, tops = pool_greedy(pool, PROMPT, STEPS)
+        scored = _score(pool, PROMPT)  # prompt logprobs: every rank computes the LM head's rows
     finally:
         pool.shutdown()
+    assert [t.token_id for t in scored] == PROMPT[1:]
+    for t, row in zip(scored, ref_prompt, strict=True):
+        assert abs(t.logprob - row[t.token_id].item()) <= 1e-4
+        assert t.rank == int((row > row[t.token_id]).sum()) + 1
+        assert [i for i, _ in t.top_logprobs] == row.topk(3).indices.tolist()
     assert tokens == ref_tokens == tp1[0]
     for step, (top, top1) in enumerate(zip(tops, tp1[1], strict=True)):
         assert [i for i, _ in top] == [i for i, _ in top1]

@@ -263,7 +263,11 @@ static void v_pass(const void* v_cache, const int64_t* kv_rows, int64_t L, const
   V16 acc[GN][DC];
   for (int g = 0; g < GN; ++g)
     for (int c = 0; c < DC; ++c) acc[g][c] = vzero();
+  constexpr int64_t esize = F16 ? 2 : 4, ahead = 8;  // V rows are not contiguous across blocks
   for (int64_t j = 0; j < L; ++j) {
+    if (j + ahead < L)
+      for (int64_t off = 0; off < DC * 16 * esize; off += 64)
+        _mm_prefetch(static_cast<const char*>(v_cache) + kv_rows[j + ahead] * esize + off, _MM_HINT_T0);
     V16 w[GN];
     for (int g = 0; g < GN; ++g) w[g] = vset1(p[g * Lp + j]);
     for (int c = 0; c < DC; ++c) {
@@ -311,6 +315,11 @@ static void attention_part(const AttentionArgs& a, int64_t t, int64_t h, int64_t
       const int64_t head = b * a.Hkv + h;
       const void* kt = k_base + (head * head_elems + o) * esize;
       const bool whole = o + 16 <= bs;
+      if (o + c == bs && i + c < n) {  // the next block's keys of this head, while these are scored
+        const char* next = k_base + static_cast<int64_t>(table[(j + c) / bs]) * a.Hkv * head_elems * esize +
+                           h * head_elems * esize;
+        for (int64_t off = 0; off < head_elems * esize; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      }
       for (int64_t g = 0; g < gn; g += kScoreHeads) {
         const float* qs[kScoreHeads];
         float* ss_[kScoreHeads];
