@@ -199,10 +199,8 @@ class Kernels {
     at::Tensor xq, xd;
     const bool q8 = int8_activations(a, xq, xd);
     py::gil_scoped_release nogil;
-    const int T = pool_.threads();
-    ss::Barrier barrier(T);
     ss::WorkQueue outputs = linear_queue(a);
-    pool_.run([&](int i) {
+    in_team([&](int i, int T, ss::Barrier& barrier) {
       quantize_phase(a, q8, i, T, barrier);
       outputs.drain([&](int64_t n0, int64_t n1) { ops_->linear(a, n0, n1); });
     });
@@ -220,9 +218,8 @@ class Kernels {
                                                row_len, block_size, scale, out.data_ptr<float>(), partials);
     if (T == 0) return;
     py::gil_scoped_release nogil;
-    ss::Barrier barrier(pool_.threads());
     ss::WorkQueue parts(T * Hkv * a.max_parts, 1), merges(T * Hkv, 1);
-    pool_.run([&](int) { attention_phase(a, parts, merges, barrier); });
+    in_team([&](int, int, ss::Barrier& barrier) { attention_phase(a, parts, merges, barrier); });
   }
 
   void norm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, double eps,
@@ -276,10 +273,8 @@ class Kernels {
                            o_scale, nullptr);
     if (a.norm.M == 0) return a.y;
     py::gil_scoped_release nogil;
-    const int T = pool_.threads();
-    ss::Barrier barrier(T);
     AttnQueues q = attn_queues(a);
-    pool_.run([&](int i) { attn_phases(a, q, i, T, barrier); });
+    in_team([&](int i, int T, ss::Barrier& barrier) { attn_phases(a, q, i, T, barrier); });
     return a.y;
   }
 
@@ -293,10 +288,8 @@ class Kernels {
     MlpHalf m = mlp_half(x, residual, residual_bias, norm_w, eps, gu_w, gu_scale, gu_bias, down_w, down_scale, nullptr);
     if (m.norm.M == 0) return m.y;
     py::gil_scoped_release nogil;
-    const int T = pool_.threads();
-    ss::Barrier barrier(T);
     MlpQueues q = mlp_queues(m);
-    pool_.run([&](int i) { mlp_phases(m, q, i, T, barrier); });
+    in_team([&](int i, int T, ss::Barrier& barrier) { mlp_phases(m, q, i, T, barrier); });
     return m.y;
   }
 
@@ -347,13 +340,11 @@ class Kernels {
       if (M == 0) {  // no work, but the peers still count two rounds
         if (ar && (err = ar->exchange(seq, 0)).empty()) err = ar->exchange(seq + 1, 0);
       } else {
-        const int T = pool_.threads();
-        ss::Barrier barrier(T);
         AttnQueues aq = attn_queues(a);
         MlpQueues mq = mlp_queues(m);
         float* attn_out = attn_sum.data_ptr<float>();
         float* layer_out = out.data_ptr<float>();
-        pool_.run([&](int i) {
+        in_team([&](int i, int T, ss::Barrier& barrier) {
           attn_phases(a, aq, i, T, barrier);
           if (ar == nullptr) {
             barrier.wait();  // o_proj's outputs are split by column, the MLP's norm by row
@@ -593,6 +584,14 @@ class Kernels {
       a.partials = partials.data_ptr<float>();
     }
     return a;
+  }
+
+  // One parallel region of the team: fn(thread index, team size, the region's barrier).
+  template <typename Fn>
+  void in_team(Fn&& fn) {
+    const int T = pool_.threads();
+    ss::Barrier barrier(T);
+    pool_.run([&](int i) { fn(i, T, barrier); });
   }
 
   // The VNNI build takes int8 activations for packed int8 weights: room for x quantized (a.x and
