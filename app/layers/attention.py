@@ -25,6 +25,7 @@ and attend to nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -73,22 +74,23 @@ def build_kernel_metadata(
     kernels: CpuKernels,
     num_rows: int,
 ) -> AttentionMetadata:
-    """Per-row metadata for the kernel path (rows past the real tokens are padding)."""
-    n = sum(query_lens)
+    """Per-row metadata for the kernel path (rows past the real tokens are padding), built with
+    array operations: no Python loop over the step's sequences or rows."""
+    seqs = len(query_lens)
+    q = np.asarray(query_lens, dtype=np.int64)
+    n = int(q.sum())
+    widths = np.fromiter(map(len, block_tables), dtype=np.int64, count=seqs)
+    tables = np.zeros((seqs, int(widths.max(initial=0)) or 1), dtype=np.int32)
+    tables[np.arange(tables.shape[1]) < widths[:, None]] = np.fromiter(
+        chain.from_iterable(block_tables), dtype=np.int32, count=int(widths.sum())
+    )
+    seq = np.repeat(np.arange(seqs, dtype=np.int32), q)  # each real row's sequence
+    pos = np.asarray(start_positions, dtype=np.int64)[seq] + np.arange(n) - np.repeat(np.cumsum(q) - q, q)
     row_seq = np.zeros(num_rows, dtype=np.int32)
     row_len = np.zeros(num_rows, dtype=np.int32)
     slots = np.full(num_rows, -1, dtype=np.int64)
-    tables = np.zeros(
-        (len(block_tables), max((len(t) for t in block_tables), default=0) or 1), dtype=np.int32
-    )
-    row = 0
-    for i, (q, start, table) in enumerate(zip(query_lens, start_positions, block_tables, strict=True)):
-        tables[i, : len(table)] = table
-        pos = np.arange(start, start + q)
-        row_seq[row : row + q] = i
-        row_len[row : row + q] = pos + 1
-        slots[row : row + q] = tables[i, pos // block_size].astype(np.int64) * block_size + pos % block_size
-        row += q
+    row_seq[:n], row_len[:n] = seq, pos + 1
+    slots[:n] = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
     slots_t = torch.from_numpy(slots)
     kernel = KernelAttention(
         kernels,
