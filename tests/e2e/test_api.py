@@ -41,7 +41,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+    with server.openai() as c:
         yield c
 
 
@@ -355,7 +355,7 @@ def test_default_model_chat_over_http_equals_the_engine(default_model_path) -> N
                 done = done or out.finish_reason is not None
         with (
             live_app(settings, stack) as srv,
-            openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0) as c,
+            srv.openai(api_key="x") as c,
         ):
             r = c.chat.completions.create(
                 model=stack.model_name,

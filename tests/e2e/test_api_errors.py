@@ -98,7 +98,7 @@ def test_api_key_is_required_on_api_routes_only(server, h) -> None:
     assert h.get("/v1/models").status_code == 200
     assert wait_for(lambda: rejected(server, "unauthorized") == before + 6)
     with (
-        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as c,
+        server.openai(api_key="wrong") as c,
         pytest.raises(openai.AuthenticationError) as info,
     ):
         c.models.list()
@@ -173,7 +173,7 @@ def test_unknown_model_route_and_method(h, server) -> None:
         assert error_of(h.request(method, path, json={}), 404)["code"] == "unknown_url"
     assert error_of(h.get("/v1/chat/completions"), 405)["type"] == "invalid_request_error"
     with (
-        openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as c,
+        server.openai(api_key=KEY) as c,
         pytest.raises(openai.NotFoundError),
     ):
         c.completions.create(model="gpt-9", prompt="hi")
@@ -326,7 +326,7 @@ def test_ranks_failing_mid_request(failing) -> None:
     assert events[-3:] == [events[-3], b"data: [DONE]", b""] and b'"code":"engine_failed"' in events[-3]
     assert b'"content":"Hel"' in raw
     with (
-        openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0) as oc,
+        srv.openai(api_key="x") as oc,
         pytest.raises(openai.APIError, match="rank 1 died"),
     ):
         for _ in oc.chat.completions.create(model="tiny", messages=chat["messages"], stream=True):

@@ -43,7 +43,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+    with server.openai() as c:
         yield c
 
 

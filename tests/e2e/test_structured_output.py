@@ -113,7 +113,7 @@ def server(default_model_path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120) as c:
+    with server.openai(timeout=120) as c:
         yield c
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import uvicorn
 from fastapi import FastAPI
 
@@ -122,6 +123,10 @@ class LiveServer:
     @property
     def state(self) -> ServerState:
         return self.app.state.shardserve
+
+    def openai(self, api_key: str = "none", timeout: float = 60) -> openai.OpenAI:
+        """The official client on this server, without retries (a test sees every failure)."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
