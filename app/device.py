@@ -7,13 +7,12 @@ CPU-only wheel `torch.cuda.*` raises, and `pin_memory` is a silent no-op.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-PAGE_BYTES = 4096  # arena alignment on CPU: page-aligned views mmap/madvise and SIMD loads like it
 
 DeviceKind = Literal["cpu", "cuda"]
 
@@ -62,14 +61,17 @@ class Device:
         """What `--dtype auto` means here: the fastest dtype measured for this device kind."""
         return "bf16" if self.kind == "cuda" else "int8"
 
-    def alloc_arena(self, nbytes: int) -> torch.Tensor:
-        """One uint8 buffer for a rank's whole weight shard; page-aligned on CPU."""
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer on this device, for a rank's weight arena or its KV cache. On CPU a fresh
+        anonymous mapping: page-aligned (mmap/madvise and SIMD loads like it) and costing memory
+        only as its pages are first written, which torch's allocator does not promise (malloc may
+        serve even a large request from a freed, still resident part of its heap: after a model
+        load it often does). The tensor keeps the mapping alive."""
         if self.kind == "cuda":
             return torch.empty(nbytes, dtype=torch.uint8, device=self.torch_device())
-        # torch's CPU allocator only promises 64-byte alignment: over-allocate and slice.
-        raw = torch.empty(nbytes + PAGE_BYTES, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE_BYTES
-        return raw[start : start + nbytes]
+        if nbytes <= 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
     def uploader(self) -> Uploader:
         """Moves checkpoint slices (host fp32) to this device while the model loads."""

@@ -39,6 +39,7 @@ class LoadedModel:
     config: ModelConfig
     arena: torch.Tensor  # uint8, every weight of this rank is a view into it
     load_seconds: float
+    device: Device  # where the arena is, and where the KV cache goes
     kernels: CpuKernels | None = None  # the C++ kernels the model computes with; None: torch path
 
     @property
@@ -108,7 +109,7 @@ def load_model(
         model = model_class(config.architecture)(config, tp, comm, fmt)
     except RopeScalingError as e:
         raise ModelLoadError(f"{path}: {e}") from None
-    arena = pack_into_arena(model, device.alloc_arena)
+    arena = pack_into_arena(model, device.alloc)
     with reading_model(path):
         ckpt = open_checkpoint(path, config)
         loaders = model.weight_loaders()
@@ -127,4 +128,4 @@ def load_model(
                 loaders[name](lambda rows, cols, read=read: uploader.upload(read(rows, cols)))
             device.synchronize()
         ckpt.close()
-    return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0, kernels)
+    return LoadedModel(model.eval(), config, arena, time.perf_counter() - t0, device, kernels)

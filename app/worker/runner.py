@@ -5,6 +5,7 @@ collectives inside it need all of them); only the driver rank (0) samples and an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,12 +31,12 @@ def allocate_kv(
     """The KV cache of every layer in one allocation, [layers, 2 (K, V), blocks, block_size *
     kv_heads * head_dim], and each layer's (K, V) in the layout of the model's compute path: the
     kernels' (`CpuKernels.kv_views`) or the torch path's [slots, kv_heads, head_dim] (slot = block *
-    block_size + offset). Uninitialised: attention reads only slots written before, and untouched
-    pages cost no memory yet."""
+    block_size + offset). On the model's device (`Device.alloc`: on CPU, untouched pages cost no
+    memory yet); uninitialised, as attention reads only slots written before."""
     kv_heads, head_dim = loaded.model.kv_shape()
-    storage = torch.empty(
-        loaded.config.num_layers, 2, num_blocks, block_size * kv_heads * head_dim, dtype=dtype
-    )
+    shape = (loaded.config.num_layers, 2, num_blocks, block_size * kv_heads * head_dim)
+    nbytes = math.prod(shape) * dtype.itemsize
+    storage = loaded.device.alloc(nbytes).view(dtype).view(shape)
     if loaded.kernels is not None:
         views = [loaded.kernels.kv_views(layer, kv_heads, head_dim, block_size) for layer in storage]
     else:

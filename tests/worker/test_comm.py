@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from app.device import PAGE_BYTES, Device
+from app.device import Device
 from app.worker.comm import CommTimeout, cleanup, make_communicator
 from app.worker.shm_allreduce import ShmAllReduce
 
@@ -223,9 +223,13 @@ def test_cpu_device() -> None:
     assert dev == Device.resolve("cpu", rank=3)  # this machine has no CUDA
     assert (dev.kind, dev.dist_backend) == ("cpu", "gloo")
     assert dev.torch_device(1) == torch.device("cpu")
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert dev.alloc(0).numel() == 0
     for n in (1, 4096, 10_000):
-        arena = dev.alloc_arena(n)
-        assert arena.dtype == torch.uint8 and arena.numel() == n and arena.data_ptr() % PAGE_BYTES == 0
+        buf = dev.alloc(n)
+        assert buf.dtype == torch.uint8 and buf.numel() == n and buf.data_ptr() % page == 0
+        buf.fill_(7)
+        assert int(buf.sum()) == 7 * n
     src = torch.arange(16, dtype=torch.float32)
     assert dev.uploader().upload(src) is src  # on CPU a loaded slice is already in place
     dev.synchronize()
