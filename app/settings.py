@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
@@ -29,6 +31,64 @@ GENERATION_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+
+
+_HUMAN_INT = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT])")
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def human_int(v: object) -> object:
+    """vLLM's human-readable integers: "1k" = 1000, "1K" = 1024, "25.6k" = 25600, "2M" = 2 * 2**20.
+
+    A lower-case suffix is decimal and takes a fraction; an upper-case one binary, whole numbers only
+    (as vLLM's human_readable_int). Anything else goes on to pydantic's own int parsing."""
+    if not isinstance(v, str):
+        return v
+    m = _HUMAN_INT.fullmatch(v.strip())
+    if m is None:
+        return v.strip()
+    number, suffix = m.groups()
+    if suffix in _DECIMAL:  # Decimal, not float: 4.1k is 4100, never 4099
+        return int(Decimal(number) * _DECIMAL[suffix])
+    if "." in number:
+        raise ValueError(f"no fraction with a binary suffix: {v!r} (did you mean {number}{suffix.lower()}?)")
+    return int(number) * _BINARY[suffix]
+
+
+def human_int_or_auto(v: object) -> object:
+    """human_int, and vLLM's "auto" or -1 for "the model's own" (None)."""
+    if v == -1 or (isinstance(v, str) and v.strip().lower() in ("auto", "-1")):
+        return None
+    return human_int(v)
+
+
+def _json_or_plain_list(v: object) -> object:
+    """A list setting's values as vLLM takes them: `--allowed-origins '["*"]'` (a JSON list) as well
+    as plain values, repeated or several after one flag; the environment's one string is a JSON list
+    or comma-separated."""
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list):
+        return v
+    out: list[object] = []
+    for item in items:
+        if isinstance(item, str) and item.strip().startswith("["):
+            try:
+                parsed = json.loads(item)
+            except ValueError as e:
+                raise ValueError(f"not a JSON list: {item!r} ({e})") from None
+            if not isinstance(parsed, list):
+                raise ValueError(f"not a JSON list: {item!r}")
+            out += parsed
+        elif isinstance(item, str) and isinstance(v, str):
+            out += [s.strip() for s in item.split(",") if s.strip()]
+        else:
+            out.append(item)
+    return out
+
+
+# a list of strings from flags (`--x A B`, `--x A --x B`, `--x '["A", "B"]'`) or the environment
+JsonOrPlainList = Annotated[list[str], NoDecode, BeforeValidator(_json_or_plain_list)]
 
 
 def default_home() -> Path:
@@ -50,7 +110,11 @@ class Settings(BaseSettings):
     download_dir: Path | None = Field(
         None, description="hub model: cache directory (default: HF_HUB_CACHE, ~/.cache/huggingface/hub)"
     )
-    served_model_name: str | None = Field(None, description="model id in the API (default: the model's name)")
+    served_model_name: JsonOrPlainList = Field(
+        default_factory=list,
+        description="model id(s) in the API: a request may name any of them, /v1/models lists them all, "
+        "the first is what responses, metrics and /version report (default: the model's name)",
+    )
     dtype: Dtype = Field(
         "auto",
         description="weight dtype (also vLLM's bfloat16, float16, half, float32, float); auto = fastest "
@@ -67,9 +131,19 @@ class Settings(BaseSettings):
     kv_cache_memory_fraction: float = Field(
         0.25, gt=0, le=0.95, description="share of free memory for the KV cache"
     )
+    kv_cache_memory_bytes: Annotated[int | None, BeforeValidator(human_int)] = Field(
+        None,
+        ge=1,
+        description="KV cache size in bytes, all ranks together (1G = 2**30, 1g = 10**9); overrides "
+        "--kv-cache-memory-fraction, and --kv-cache-tokens overrides both",
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV block")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prompt prefixes")
-    max_model_len: int | None = Field(None, ge=16, description="context limit (default: the model's)")
+    max_model_len: Annotated[int | None, BeforeValidator(human_int_or_auto)] = Field(
+        None,
+        ge=16,
+        description="context limit: 4096, 1k (1000), 1K (1024), 25.6k; auto or -1 = the model's (the default)",
+    )
     max_queued_requests: int = Field(256, ge=1, description="waiting requests before 429")
     max_queued_tokens: int = Field(1_000_000, ge=1, description="waiting prompt tokens before 429")
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body (413 above)")
@@ -88,7 +162,9 @@ class Settings(BaseSettings):
     )
     api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="accepted API keys")
     api_key_file: Path | None = Field(None, description="file with one API key per line")
-    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="CORS origins")
+    allowed_origins: JsonOrPlainList = Field(
+        default_factory=list, description="CORS origins, e.g. '[\"*\"]' (none: no CORS headers at all)"
+    )
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
     step_timeout: float = Field(60.0, gt=0, description="a step slower than this counts as a hung rank")
     pool_max_restarts: int = Field(
@@ -130,14 +206,20 @@ class Settings(BaseSettings):
 
     @property
     def served_name(self) -> str:
-        """The model's id in the API and in every metric's model_name label: --served-model-name,
-        else a built-in name or hub id as given (no path on disk), else the file or directory's stem."""
+        """The model's id in responses and in every metric's model_name label: the first
+        --served-model-name, else a built-in name or hub id as given (no path on disk), else the file
+        or directory's stem."""
+        return self.served_names[0]
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every id a request may name, the reported one first (--served-model-name A B: A, B)."""
         if self.served_model_name:
-            return self.served_model_name
+            return tuple(self.served_model_name)
         spec = self.model.strip()
         if "/" not in spec or not Path(spec).expanduser().exists():
-            return spec
-        return Path(spec).expanduser().stem
+            return (spec,)
+        return (Path(spec).expanduser().stem,)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -169,12 +251,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{v!r} is not auto, vllm or a directory holding a generation_config.json")
         return v
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("served_model_name")
     @classmethod
-    def _split_commas(cls, v: object) -> object:
-        if isinstance(v, str):
-            return [s.strip() for s in v.split(",") if s.strip()]
-        return v
+    def _no_empty_name(cls, names: list[str]) -> list[str]:
+        names = [n.strip() for n in names]
+        if not all(names):
+            raise ValueError("a served model name is empty or only whitespace")
+        return list(dict.fromkeys(names))  # a name given twice is listed once
 
     @field_validator("api_key", mode="before")
     @classmethod

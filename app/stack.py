@@ -70,6 +70,7 @@ class Stack:
             grammars=self.grammars,
             compute=self.compute,
             health=self.health,
+            aliases=self.settings.served_names[1:],
         )
 
     def health(self) -> Health:
@@ -152,15 +153,18 @@ def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, dev
                 f"{max_model_len} or more, or lower --max-model-len to {kv} or less"
             )
         return -(-kv // bs)
-    budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
+    if settings.kv_cache_memory_bytes is not None:  # vLLM's --kv-cache-memory-bytes: free memory is not read
+        budget, size_flag = settings.kv_cache_memory_bytes, "--kv-cache-memory-bytes"
+    else:
+        budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
+        size_flag = "--kv-cache-memory-fraction"
     fits = kv_blocks_for_budget(config, settings.tp, bs, budget, KV_BYTES[kv_dtype_for(settings, device)])
     useful = settings.max_num_seqs * -(-max_model_len // bs)  # more than every seat at full context is waste
     blocks = min(fits, useful)
     if blocks * bs < max_model_len:
         raise ValueError(
             f"the KV cache fits only {blocks * bs} tokens in {budget / 2**20:.0f} MiB, less than one "
-            f"sequence of {max_model_len}; lower --max-model-len, or raise --kv-cache-memory-fraction "
-            "or --kv-cache-tokens"
+            f"sequence of {max_model_len}; lower --max-model-len, or raise {size_flag} or --kv-cache-tokens"
         )
     return blocks
 

@@ -45,7 +45,7 @@ class ServedTokenizer(TokenDecoder, Protocol):
 class ServedModel:
     """The served model as HTTP sees it; made by the wiring once the ranks are up."""
 
-    name: str  # the model id of the API (--served-model-name)
+    name: str  # the model id responses report (the first --served-model-name)
     architecture: str
     dtype: str  # resolved: never "auto"
     tp: int
@@ -55,6 +55,12 @@ class ServedModel:
     grammars: GrammarCompiler  # checks output constraints before a request is queued
     compute: str  # the compute path the ranks run, as rank 0 reported it (/version)
     health: Callable[[], Health]  # the engine and its ranks, now (/health, /ready, every request)
+    aliases: tuple[str, ...] = ()  # the other --served-model-name ids a request may name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every id a request may name, the reported one first (/v1/models lists them all)."""
+        return (self.name, *self.aliases)
 
 
 class Backend(Protocol):

@@ -63,9 +63,10 @@ def _received(body: BaseModel, state: ServerState, record: AccessRecord) -> None
 
 
 def _check_model(requested: str | None, card: ServedModel) -> None:
-    if requested is not None and requested != card.name:
+    if requested is not None and requested not in card.names:
+        served = ", ".join(f"'{n}'" for n in card.names)
         raise NotFound(
-            f"The model does not exist here; this server serves '{card.name}'.",
+            f"The model does not exist here; this server serves {served}.",
             param="model",
             code="model_not_found",
         )
@@ -201,8 +202,9 @@ async def completions(body: p.CompletionRequest, g: GenerationDep) -> Response:
 
 @api.get("/v1/models", response_model=r.ModelList)
 async def list_models(card: CardDep) -> Response:
-    model = r.ModelCard(id=card.name, root=card.name, max_model_len=card.max_model_len)
-    return _json(r.ModelList(data=[model]))
+    # one card per served name, as vLLM's: each the same model (root), the reported name first
+    models = [r.ModelCard(id=n, root=card.name, max_model_len=card.max_model_len) for n in card.names]
+    return _json(r.ModelList(data=models))
 
 
 @api.post("/tokenize", response_model=r.TokenizeResponse)

@@ -61,8 +61,13 @@ def _add_option(group: argparse._ArgumentGroup, name: str) -> None:
             *flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
         )
     elif origin is list or (args and typing.get_origin(args[0]) is list):
+        # as vLLM's nargs="+" (`--api-key K1 K2`), and repeatable as before (`--api-key K1 --api-key K2`)
         group.add_argument(
-            *flags, action="append", default=argparse.SUPPRESS, help=help_text + " (repeatable)"
+            *flags,
+            action="extend",
+            nargs="+",
+            default=argparse.SUPPRESS,
+            help=help_text + " (one or more; repeatable)",
         )
     elif origin is typing.Literal:
         choices = (*args, *(DTYPE_ALIASES if name == "dtype" else ()))

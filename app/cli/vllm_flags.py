@@ -28,7 +28,8 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "LoadConfig": ("download_dir", "home"),
     "ParallelConfig": ("tp", "local_ranks", "dist_init", "step_timeout", "rank_death_timeout",
                        "pool_max_restarts"),
-    "CacheConfig": ("block_size", "kv_cache_tokens", "kv_cache_memory_fraction", "enable_prefix_caching"),
+    "CacheConfig": ("block_size", "kv_cache_tokens", "kv_cache_memory_fraction", "kv_cache_memory_bytes",
+                    "enable_prefix_caching"),
     "SchedulerConfig": ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests", "max_queued_tokens"),
     "DeviceConfig": ("device", "kernels"),
 }  # fmt: skip
@@ -41,7 +42,12 @@ GROUP_HELP = {
     "SchedulerConfig": "continuous batching and admission",
     "DeviceConfig": "compute device and CPU kernels",
 }
-FLAG_ALIASES = {"tp": ("-tp", "--tensor-parallel-size")}  # vLLM's spellings of our flags
+FLAG_ALIASES = {  # vLLM's spellings of our flags
+    "tp": ("-tp", "--tensor-parallel-size"),
+    "max_queued_requests": ("--max-num-queued-reqs",),
+    "max_queued_tokens": ("--max-num-queued-tokens",),
+    "shutdown_grace": ("--shutdown-timeout",),
+}
 CONFIG_MODEL = "--config-model"  # a config file's `model`, hidden from --help
 
 
@@ -176,11 +182,12 @@ def _config_args(path: str, negatable: Collection[str]) -> list[str]:
             args.append(flag)
         elif value is False:
             args += ["--no-" + flag[2:]] if flag in negatable else []
+        # `--flag=value`: exactly one value, so a list flag (nargs="+") never takes the command line's
+        # positional model that follows the file's flags as one more of its values
         elif isinstance(value, list):
-            for item in value:
-                args += [flag, str(item)]
+            args += [f"{flag}={item}" for item in value]
         elif isinstance(value, dict):
-            args += [flag, json.dumps(value)]
+            args.append(f"{flag}={json.dumps(value)}")
         elif value is not None:
-            args += [flag, str(value)]
+            args.append(f"{flag}={value}")
     return args
