@@ -165,6 +165,21 @@ class Settings(BaseSettings):
     allowed_origins: JsonOrPlainList = Field(
         default_factory=list, description="CORS origins, e.g. '[\"*\"]' (none: no CORS headers at all)"
     )
+    allow_credentials: bool = Field(False, description="CORS: allow credentials (cookies, Authorization)")
+    allowed_methods: JsonOrPlainList = Field(default_factory=lambda: ["*"], description="CORS methods")
+    allowed_headers: JsonOrPlainList = Field(
+        default_factory=lambda: ["*"], description="CORS request headers"
+    )
+    enable_request_id_headers: bool = Field(
+        True,
+        description="answer with X-Request-Id: the client's own if it sent a tame one, else the id made "
+        "for the request (on by default here, unlike vLLM)",
+    )
+    root_path: str = Field(
+        "", description="path prefix a proxy strips before forwarding (the API docs link through it)"
+    )
+    disable_fastapi_docs: bool = Field(False, description="no /docs, /redoc and /openapi.json")
+    uds: str | None = Field(None, description="listen on this Unix domain socket instead of --host/--port")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds in-flight requests get on SIGTERM")
     step_timeout: float = Field(60.0, gt=0, description="a step slower than this counts as a hung rank")
     pool_max_restarts: int = Field(
@@ -250,6 +265,13 @@ class Settings(BaseSettings):
         if v not in ("auto", "vllm") and not (Path(v).expanduser() / "generation_config.json").is_file():
             raise ValueError(f"{v!r} is not auto, vllm or a directory holding a generation_config.json")
         return v
+
+    @field_validator("root_path")
+    @classmethod
+    def _one_leading_slash(cls, v: str) -> str:
+        # "llm", "/llm/" and "/llm" are one prefix; Starlette matches only "/llm" against a path
+        # the proxy did not strip
+        return "/" + v.strip().strip("/") if v.strip().strip("/") else ""
 
     @field_validator("served_model_name")
     @classmethod

@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import socket
+import stat
 
 log = logging.getLogger("shardserve.server")
 
@@ -100,3 +101,35 @@ def connection_budget(configured: int | None, nofile: int) -> tuple[int, int]:
         )  # fmt: skip
         want = room
     return want, batch
+
+
+def bind_unix_listener(path: str, backlog: int = BACKLOG) -> socket.socket:
+    """A listening Unix domain socket at `path` (--uds), or a ListenError. A socket file nobody
+    listens on any more (its server was killed) is replaced; one a server still answers on is not."""
+    where = f"the Unix socket {path}"
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ListenError(f"cannot listen on {where}: a file that is not a socket is there")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)
+            else:
+                raise ListenError(f"cannot listen on {where}: another server is listening there")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # as uvicorn's --uds: any local user may connect (a proxy runs as another user); the
+        # directory's permissions are what restrict it
+        os.chmod(path, 0o666)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot listen on {where}: {e.strerror or e}") from None
+    return sock
+
+
+def listen_on(host: str, port: int, uds: str | None) -> socket.socket:
+    """serve's listening socket: the Unix socket --uds if given, else TCP on --host and --port."""
+    return bind_unix_listener(uds) if uds else bind_listener(host, port)

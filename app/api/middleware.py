@@ -27,10 +27,12 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class RequestContextMiddleware:
-    """Accepts or makes X-Request-Id, echoes it, and writes one JSON access-log line per request."""
+    """Accepts or makes X-Request-Id, echoes it (--enable-request-id-headers), and writes one JSON
+    access-log line per request."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
+        self.echo_id = state.settings.enable_request_id_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +49,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
-                headers.append("X-Request-Id", rid)
+                if self.echo_id:
+                    headers.append("X-Request-Id", rid)
                 if record.ignored_fields is not None:
                     headers.append(IGNORED_HEADER, record.ignored_fields)
             await send(message)

@@ -2,9 +2,9 @@
 (app/api/prepare.py) and rendering the engine's output (app/api/render.py).
 
 /v1/*, /tokenize, /detokenize and /tokenizer_info sit behind the API key; /health, /ready, /metrics,
-/version, the playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM) stay open for
-probes, Prometheus and browsers. Routes we do not serve fall through to the router's 404, which
-errors.py words as OpenAI does. Every parsed body's unknown fields are named (app/api/ignored.py)."""
+/version, the playground and the API docs (/docs, /redoc, /openapi.json, as in vLLM; none with
+--disable-fastapi-docs) stay open for probes, Prometheus and browsers. Routes we do not serve fall
+through to the router's 404, which errors.py words as OpenAI does. Every parsed body's unknown fields are named (app/api/ignored.py)."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import socket
 import time
@@ -30,7 +31,7 @@ from app.api.card import Backend, Loader
 from app.api.connections import ConnectionGuard, GuardedH11Protocol, quiet_accept_errors
 from app.api.deps import ServerState
 from app.api.errors import APIError, error_response, from_validation_error, install_handlers
-from app.api.listen import BACKLOG, bind_listener, connection_budget, raise_open_file_limit
+from app.api.listen import BACKLOG, connection_budget, listen_on, raise_open_file_limit
 from app.api.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.api.routes import api, public
 from app.engine.client import EngineClient, OutputRouter
@@ -67,12 +68,20 @@ def create_app(settings: Settings, loader: Loader, *, body_read_timeout: float =
 
     # No redirect_slashes: Starlette builds that redirect's URL from the Host header, so
     # `POST /v1/completions/` with `Host: evil.example` answered 307 to evil.example; now a 404.
+    docs = not settings.disable_fastapi_docs
     app = FastAPI(
         title="shardserve",
         summary="OpenAI-compatible model server",
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
+    # --root-path, set as vLLM sets it (the constructor's argument is deprecated, the attribute is
+    # not): the app puts it in every request's scope, so the docs and the OpenAPI `servers` link
+    # through the prefix, and the routes answer whether the proxy stripped it or not
+    app.root_path = settings.root_path
     app.state.shardserve = state
     app.state.metrics = state.metrics
     _install_error_handlers(app)
@@ -85,8 +94,9 @@ def create_app(settings: Settings, loader: Loader, *, body_read_timeout: float =
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.allowed_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_credentials=settings.allow_credentials,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
             expose_headers=["X-Request-Id", "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware, state=state)
@@ -112,7 +122,11 @@ async def _load(state: ServerState, loader: Loader, router: OutputRouter) -> Bac
     where = ""
     if state.url is not None:  # after Uvicorn's own start-up lines, which come before the model
         await state.listening.wait()
-        where = f"; playground {state.url}/, API docs {state.url}/docs"
+        if state.url.startswith("unix:"):  # no URL a browser could open
+            where = f"; on the Unix socket {state.url.removeprefix('unix:')}"
+        else:
+            where = f"; playground {state.url}/"
+            where += "" if state.settings.disable_fastapi_docs else f", API docs {state.url}/docs"
     log.info("ready: %s (%s, tp %d, context %d); compute: %s%s",
              card.name, card.dtype, card.tp, card.max_model_len, card.compute, where)  # fmt: skip
     return backend
@@ -222,7 +236,7 @@ def serve(
     if nofile is None:
         nofile = raise_open_file_limit()
     if sock is None:
-        sock = bind_listener(settings.host, settings.port)
+        sock = listen_on(settings.host, settings.port, settings.uds)
     app = create_app(settings, loader)
     state: ServerState = app.state.shardserve
     state.debug = debug
@@ -239,14 +253,24 @@ def serve(
     )
     server = _DrainingServer(config, state)
     state.request_exit = lambda: setattr(server, "should_exit", True)
-    host, port = sock.getsockname()[:2]
-    shown = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
-    state.url = f"http://{shown}:{port}"
+    uds = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    if uds is not None:
+        state.url = where = f"unix:{uds}"
+    else:
+        host, port = sock.getsockname()[:2]
+        shown = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+        state.url = f"http://{shown}:{port}"
+        where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     log.info(
-        "listening on http://%s:%d (at most %d connections, request heads within %gs); loading the model",
-        host, port, guard.max_connections, guard.head_timeout,
+        "listening on %s (at most %d connections, request heads within %gs); loading the model",
+        where, guard.max_connections, guard.head_timeout,
     )  # fmt: skip
     t0 = time.monotonic()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if uds is not None:  # as uvicorn does: a socket file left behind would outlive the server
+            with contextlib.suppress(OSError):
+                os.unlink(uds)
     log.info("stopped after %.1fs", time.monotonic() - t0)
     return 1 if state.load_error is not None else 0

@@ -231,11 +231,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings.dist_init, settings.tp, ns.rank_offset, n, settings.device, model
             )
         if ns.command == "serve":
-            from app.api.listen import bind_listener, raise_open_file_limit
+            from app.api.listen import listen_on, raise_open_file_limit
 
             # before the seconds of importing torch and loading: a busy port fails at once
             nofile = raise_open_file_limit()
-            sock = bind_listener(settings.host, settings.port)
+            sock = listen_on(settings.host, settings.port, settings.uds)
             from app.api.server import serve
             from app.model.errors import ModelLoadError
             from app.stack import check_before_load, loader

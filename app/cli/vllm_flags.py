@@ -20,9 +20,11 @@ from pathlib import Path
 
 # vLLM's help groups, in its order; the fields of ours that belong to each
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
-    "Frontend": ("host", "port", "api_key", "api_key_file", "allowed_origins", "chat_template",
-                 "tool_call_parser", "max_request_bytes", "request_head_timeout", "max_connections",
-                 "request_timeout", "shutdown_grace", "log_level", "log_prompts"),
+    "Frontend": ("host", "port", "uds", "root_path", "api_key", "api_key_file", "allowed_origins",
+                 "allow_credentials", "allowed_methods", "allowed_headers", "disable_fastapi_docs",
+                 "enable_request_id_headers", "chat_template", "tool_call_parser", "max_request_bytes",
+                 "request_head_timeout", "max_connections", "request_timeout", "shutdown_grace", "log_level",
+                 "log_prompts"),
     "ModelConfig": ("model", "served_model_name", "dtype", "max_model_len", "seed", "revision", "hf_token",
                     "generation_config", "override_generation_config"),
     "LoadConfig": ("download_dir", "home"),

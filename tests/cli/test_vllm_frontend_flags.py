@@ -1,11 +1,14 @@
 """vLLM's server flags we implement, from the command line, the environment and --config: list
 flags taking several values (`--api-key K1 K2`) or a JSON list (`--allowed-origins '["*"]'`),
 vLLM's names of our queue and shutdown flags, human-readable --max-model-len and
---kv-cache-memory-bytes; and a real `serve`, driven with httpx and the official openai client."""
+--kv-cache-memory-bytes; and real `serve` processes on TCP and on a Unix socket (--uds), driven
+with httpx and the official openai client."""
 
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,7 +19,7 @@ from app.device import Device
 from app.model.loader import read_config
 from app.settings import Settings
 from app.stack import serving_limits
-from tests.support.api_server import ServeProcess
+from tests.support.api_server import ServeProcess, wait_for
 from tests.support.models import tiny_llama
 
 
@@ -32,8 +35,15 @@ def test_list_flags_take_several_values_repeats_and_json_lists() -> None:
         ("a", "b"),
         "a",
     )
-    s = parse("--allowed-origins", '["https://a.example", "https://b.example"]', "--allowed-origins", "c")
-    assert s.allowed_origins == ["https://a.example", "https://b.example", "c"]
+    s = parse("--allowed-origins", '["https://a.example", "https://b.example"]', "--allowed-methods", "GET", "POST",
+              "--allowed-headers", '["Authorization"]', "--allowed-headers", "X-Custom")  # fmt: skip
+    assert s.allowed_origins == ["https://a.example", "https://b.example"]
+    assert (s.allowed_methods, s.allowed_headers) == (["GET", "POST"], ["Authorization", "X-Custom"])
+    assert (parse().allowed_methods, parse().allowed_headers, parse().allow_credentials) == (
+        ["*"],
+        ["*"],
+        False,
+    )
     assert parse("--allowed-origins", "*").allowed_origins == ["*"]
     with pytest.raises(ValueError, match="not a JSON list"):
         parse("--allowed-origins", '["unclosed"')
@@ -44,11 +54,16 @@ def test_list_flags_take_several_values_repeats_and_json_lists() -> None:
 def test_list_settings_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("SHARDSERVE_SERVED_MODEL_NAME", "first,second")
     monkeypatch.setenv("SHARDSERVE_ALLOWED_ORIGINS", '["https://a.example"]')
+    monkeypatch.setenv("SHARDSERVE_ALLOWED_METHODS", "GET, POST")
     monkeypatch.setenv("SHARDSERVE_MAX_MODEL_LEN", "2K")
     monkeypatch.setenv("SHARDSERVE_KV_CACHE_MEMORY_BYTES", "1.5g")
     s = Settings()
     assert s.served_names == ("first", "second") and s.allowed_origins == ["https://a.example"]
-    assert (s.max_model_len, s.kv_cache_memory_bytes) == (2048, 1_500_000_000)
+    assert (s.allowed_methods, s.max_model_len, s.kv_cache_memory_bytes) == (
+        ["GET", "POST"],
+        2048,
+        1_500_000_000,
+    )
 
 
 def test_a_config_file_list_or_scalar_never_swallows_the_positional_model(tmp_path) -> None:
@@ -117,10 +132,10 @@ def test_kv_cache_memory_bytes_sizes_the_cache_without_reading_free_memory(
 
 
 def test_serve_with_vllm_frontend_flags(tmp_path_factory) -> None:
-    """A vLLM-style command line: names, several keys, a human-readable context and KV cache."""
+    """A vLLM-style command line: names, several keys, no docs, a human-readable context."""
     model = tiny_llama(tmp_path_factory, max_pos=4096)
     args = (str(model), "--dtype", "float32", "--served-model-name", "tiny", "tiny-2", "--api-key", "k1", "k2",
-            "--max-model-len", "1K", "--kv-cache-memory-bytes", "8M",
+            "--disable-fastapi-docs", "--max-model-len", "1K", "--kv-cache-memory-bytes", "8M",
             "--max-num-queued-reqs", "4", "--shutdown-timeout", "5")  # fmt: skip
     with ServeProcess(*args) as srv:
         srv.wait_ready()
@@ -131,6 +146,50 @@ def test_serve_with_vllm_frontend_flags(tmp_path_factory) -> None:
                 assert done.model == "tiny" and done.usage.completion_tokens == 2
                 assert client.models.list().data[0].model_extra["max_model_len"] == 1024
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer k3"}).status_code == 401
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(srv.url + path).status_code == 404, path
     ready = next(ln for ln in srv.output.splitlines() if "ready: tiny " in ln)
-    assert "context 1024" in ready
+    assert f"playground {srv.url}/" in ready and "/docs" not in ready and "context 1024" in ready
     assert "Traceback" not in srv.output
+
+
+def _stale_socket(path: Path) -> None:
+    """A socket file with nobody listening on it, as a killed server leaves behind."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+
+
+def test_serve_on_a_unix_socket(tmp_path_factory, tmp_path) -> None:
+    model = tiny_llama(tmp_path_factory)
+    path = tmp_path / "shardserve.sock"
+    _stale_socket(path)
+    args = ("--model", str(model), "--dtype", "fp32", "--kv-cache-tokens", "1024", "--served-model-name", "tiny",
+            "--uds", str(path))  # fmt: skip
+    with ServeProcess(*args) as srv:
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://local")
+
+        def ready() -> bool:
+            try:
+                return http.get("/ready").status_code == 200
+            except httpx.TransportError:
+                return srv.proc.poll() is not None
+
+        assert wait_for(ready, 120, 0.2) and srv.proc.poll() is None, srv.output[-3000:]
+        assert srv.status("/health", timeout=0.5) is None  # nothing on TCP: --port is not listened on
+        # a second server on the same socket is refused before it loads anything
+        with ServeProcess(*args) as second:
+            assert second.wait_exit(60) != 0
+        assert "another server is listening there" in second.output
+        # the first one still answers (the openai client closes the connection pool it is given)
+        with openai.OpenAI(
+            base_url="http://local/v1", api_key="x", http_client=http, max_retries=0
+        ) as client:
+            done = client.completions.create(model="tiny", prompt="a b", max_tokens=3)
+            assert done.usage.completion_tokens == 3
+    assert srv.proc.returncode == 0
+    lines = srv.output.splitlines()
+    assert any(f"listening on unix:{path} " in ln for ln in lines), srv.output
+    ready_line = next(ln for ln in lines if "ready: tiny " in ln)
+    assert ready_line.endswith(f"on the Unix socket {path}")
+    assert not path.exists()  # removed on the way out
