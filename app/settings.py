@@ -134,8 +134,8 @@ class Settings(BaseSettings):
     kv_cache_memory_bytes: Annotated[int | None, BeforeValidator(human_int)] = Field(
         None,
         ge=1,
-        description="KV cache size in bytes, all ranks together (1G = 2**30, 1g = 10**9); overrides "
-        "--kv-cache-memory-fraction, and --kv-cache-tokens overrides both",
+        description="KV cache size in bytes per rank, as vLLM's per GPU (1G = 2**30, 1g = 10**9); "
+        "overrides --kv-cache-memory-fraction, and --kv-cache-tokens overrides both",
     )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV block")
     enable_prefix_caching: bool = Field(True, description="share KV blocks of identical prompt prefixes")

@@ -158,7 +158,10 @@ def _num_blocks(settings: Settings, config: ModelConfig, max_model_len: int, dev
     else:
         budget = int(device.free_memory_bytes() * settings.kv_cache_memory_fraction)
         size_flag = "--kv-cache-memory-fraction"
-    fits = kv_blocks_for_budget(config, settings.tp, bs, budget, KV_BYTES[kv_dtype_for(settings, device)])
+    fits = kv_blocks_for_budget(
+        config, settings.tp, bs, budget, KV_BYTES[kv_dtype_for(settings, device)],
+        per_rank=settings.kv_cache_memory_bytes is not None,
+    )  # fmt: skip
     useful = settings.max_num_seqs * -(-max_model_len // bs)  # more than every seat at full context is waste
     blocks = min(fits, useful)
     if blocks * bs < max_model_len:

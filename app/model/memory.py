@@ -26,10 +26,19 @@ def kv_bytes_per_token(config: ModelConfig, tp: int, rank: int, dtype_bytes: int
 
 
 def kv_blocks_for_budget(
-    config: ModelConfig, tp: int, block_size: int, budget_bytes: int, dtype_bytes: int = KV_DTYPE_BYTES
+    config: ModelConfig,
+    tp: int,
+    block_size: int,
+    budget_bytes: int,
+    dtype_bytes: int = KV_DTYPE_BYTES,
+    *,
+    per_rank: bool = False,
 ) -> int:
-    """How many KV blocks fit in `budget_bytes` summed over all ranks of this machine."""
-    per_token = sum(kv_bytes_per_token(config, tp, r, dtype_bytes) for r in range(tp))
+    """How many KV blocks fit in `budget_bytes` summed over all ranks of this machine, or (per_rank,
+    vLLM's per-GPU --kv-cache-memory-bytes) in each rank's own, where the rank holding the most KV
+    heads decides."""
+    sizes = [kv_bytes_per_token(config, tp, r, dtype_bytes) for r in range(tp)]
+    per_token = max(sizes) if per_rank else sum(sizes)
     return max(0, budget_bytes // (per_token * block_size))
 
 

@@ -127,6 +127,11 @@ def test_kv_cache_memory_bytes_sizes_the_cache_without_reading_free_memory(
     assert blocks(kv_cache_memory_bytes="1m") == 1_000_000 // block_bytes
     assert blocks(kv_cache_memory_bytes=str(2**21)) == 2 * blocks(kv_cache_memory_bytes="1M")
     assert blocks(kv_cache_memory_bytes="1M", kv_cache_tokens=4096) == 4096 // 16  # tokens win
+    # per rank, as vLLM's per GPU: at --tp 2 each rank holds one of the two KV heads, so twice the
+    # tokens fit; at --tp 4 the heads are replicated, one per rank again, so no more than at --tp 2
+    assert hf["num_key_value_heads"] == 2
+    assert blocks(kv_cache_memory_bytes="1M", tp=2) == 2 * blocks(kv_cache_memory_bytes="1M")
+    assert blocks(kv_cache_memory_bytes="1M", tp=4) == blocks(kv_cache_memory_bytes="1M", tp=2)
     with pytest.raises(ValueError, match="raise --kv-cache-memory-bytes"):
         blocks(kv_cache_memory_bytes=block_bytes)  # one block: less than one sequence of full context
 
