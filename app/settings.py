@@ -166,9 +166,11 @@ class Settings(BaseSettings):
         default_factory=list, description="CORS origins, e.g. '[\"*\"]' (none: no CORS headers at all)"
     )
     allow_credentials: bool = Field(False, description="CORS: allow credentials (cookies, Authorization)")
-    allowed_methods: JsonOrPlainList = Field(default_factory=lambda: ["*"], description="CORS methods")
+    allowed_methods: JsonOrPlainList = Field(
+        default_factory=lambda: ["*"], description="CORS methods (default: any)"
+    )
     allowed_headers: JsonOrPlainList = Field(
-        default_factory=lambda: ["*"], description="CORS request headers"
+        default_factory=lambda: ["*"], description="CORS request headers (default: any)"
     )
     enable_request_id_headers: bool = Field(
         True,

@@ -31,7 +31,8 @@ from app.settings import DTYPE_ALIASES, Settings
 # Settings fields each subcommand takes (serve takes all of them).
 _HUB_FIELDS = ("revision", "hf_token", "download_dir")
 _MODEL_FIELDS = (*_HUB_FIELDS, "home", "model", "dtype", "tp", "device", "kernels", "max_model_len", "chat_template", "seed",
-                 "kv_cache_tokens", "block_size", "max_num_seqs", "max_num_batched_tokens", "log_level")  # fmt: skip
+                 "kv_cache_tokens", "kv_cache_memory_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                 "log_level")  # fmt: skip
 
 
 def _add_settings_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
