@@ -15,6 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+# vLLM's --logprobs-mode: what logprobs report, the model's own distribution (raw) or the one sampled
+# from after penalties, bias, temperature, top-k/top-p/min-p (processed); as log-probabilities or logits
+LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
 # vLLM's spellings of the same dtypes (its `auto` is the checkpoint's dtype; ours the fastest here)
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
@@ -118,6 +121,21 @@ class Settings(BaseSettings):
     override_generation_config: dict[str, float | int] = Field(
         default_factory=dict,
         description='JSON object over those defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 256}\'',
+    )
+    max_logprobs: int = Field(
+        20,
+        ge=-1,
+        description="largest logprobs / top_logprobs / prompt_logprobs a request may ask (-1: the "
+        "vocabulary size)",
+    )
+    logprobs_mode: LogprobsMode = Field(
+        "raw_logprobs",
+        description="what logprobs report: the model's distribution (raw) or the one sampled from, after "
+        "penalties, bias, temperature, top-k/top-p/min-p (processed); log-probabilities or logits "
+        "(prompt_logprobs are always raw log-probabilities, as in vLLM)",
+    )
+    return_tokens_as_token_ids: bool = Field(
+        False, description="logprobs name each token token_id:ID instead of its text (bytes stay the token's)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")

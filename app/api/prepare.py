@@ -47,7 +47,8 @@ class Prepared:
     tool_parser: str | None = None  # chat with tools offered: the format tool calls are read back from
     show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
     # completions' echo with logprobs: each prompt's first token (its logprobs are null); else empty
-    prompt_heads: tuple[str, ...] = ()
+    prompt_heads: tuple[tuple[int, str], ...] = ()  # (id, text)
+    tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs name tokens token_id:ID
 
     @property
     def num_choices(self) -> int:
@@ -68,6 +69,18 @@ def check_vocab(ids: Sequence[int], vocab_size: int, param: str) -> None:
             f"Token id {max(ids)} in {param} is outside the vocabulary (ids must be below {vocab_size}).",
             param=param,
         )
+
+
+def check_logprobs(body: p.SamplingRequest, limit: int) -> None:
+    """Every count of alternatives a request asks is at most --max-logprobs (vLLM's check, whose
+    message this keeps); completions' echo scores the prompt with `logprobs`, checked here too."""
+    sampled = "top_logprobs" if isinstance(body, p.ChatCompletionRequest) else "logprobs"
+    for param, k in ((sampled, body.requested_logprobs), ("prompt_logprobs", body.prompt_logprobs)):
+        if k is not None and k > limit:
+            raise InvalidRequest(
+                f"Requested {param} of {k}, which is greater than max allowed: {limit} (--max-logprobs).",
+                param=param,
+            )
 
 
 def render_chat(
@@ -96,6 +109,7 @@ def sampling_params(
     vocab_size: int,
     generation_defaults: Mapping[str, Any],
     default_max_tokens: int,
+    max_logprobs: int,
     noun: str = "prompt",
     check_prompt_ids: bool = False,
 ) -> SamplingParams:
@@ -105,7 +119,7 @@ def sampling_params(
     otherwise, as OpenAI), else the default clipped to the room the prompt leaves.
 
     noun is the parameter that holds the prompt ("prompt" or "messages"); check_prompt_ids: the
-    client gave the prompt as token ids."""
+    client gave the prompt as token ids; max_logprobs: --max-logprobs (-1: the vocabulary size)."""
     prompt_len = len(prompt_ids)
     if prompt_len <= 0:
         raise InvalidRequest(f"The {noun} is empty: there is nothing to complete.", param=noun)
@@ -115,6 +129,7 @@ def sampling_params(
         check_vocab(prompt_ids, vocab_size, "prompt")
     check_vocab(stop_token_ids, vocab_size, "stop_token_ids")
     check_vocab([t for t, _ in logit_bias], vocab_size, "logit_bias")
+    check_logprobs(body, vocab_size if max_logprobs == -1 else max_logprobs)
     if prompt_len >= max_model_len:
         raise ContextTooLong(max_model_len, prompt_len, noun=noun)
     room = max_model_len - prompt_len
@@ -235,6 +250,7 @@ def _prepare(
             vocab_size=card.vocab_size,
             generation_defaults=card.tokenizer.generation_defaults,
             default_max_tokens=card.max_model_len if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS,
+            max_logprobs=settings.max_logprobs,
             noun="messages" if kind == "chat" else "prompt",
             check_prompt_ids=pretokenized,
         )
@@ -257,9 +273,9 @@ def _prepare(
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     echo_logprobs = isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
-    heads = tuple(card.tokenizer.token_text(ids[0]) for ids, _ in prompts) if echo_logprobs else ()
+    heads = tuple((ids[0], card.tokenizer.token_text(ids[0])) for ids, _ in prompts) if echo_logprobs else ()
     return Prepared(
         kind, response_id, card.name, int(time.time()), requests, tuple(echo for _, echo in prompts),
         body.n, body.requested_logprobs is not None, body.stream, include_usage, tool_parser,
-        body.prompt_logprobs is not None, heads,
+        body.prompt_logprobs is not None, heads, settings.return_tokens_as_token_ids,
     )  # fmt: skip

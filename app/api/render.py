@@ -127,7 +127,7 @@ async def chat_stream(
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
-            lp = r.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
+            lp = r.chat_logprobs(out.logprobs, prep.tokens_as_ids) if prep.logprobs and out.logprobs else None
             parser = parsers[i]
             if parser is None:
                 if out.text or lp is not None:
@@ -166,7 +166,7 @@ async def completion_stream(
             i = tally.add(prompt, out)
             lp = None
             if prep.logprobs and out.logprobs:
-                lp = r.completion_logprobs(out.logprobs, offsets[i])
+                lp = r.completion_logprobs(out.logprobs, offsets[i], as_ids=prep.tokens_as_ids)
                 offsets[i] += sum(len(t.token) for t in out.logprobs)
             if out.text or lp is not None:
                 yield chunk([r.CompletionChoice(index=i, text=out.text, logprobs=lp)])
@@ -230,8 +230,10 @@ def _completion_logprobs(
     if not prep.logprobs:
         return None
     if prep.prompt_heads:  # echo: the prompt's tokens first, from offset 0
-        return r.completion_logprobs([*scored, *logprobs], 0, prep.prompt_heads[i // prep.n])
-    return r.completion_logprobs(logprobs, echo_len)
+        return r.completion_logprobs(
+            [*scored, *logprobs], 0, prep.prompt_heads[i // prep.n], as_ids=prep.tokens_as_ids
+        )
+    return r.completion_logprobs(logprobs, echo_len, as_ids=prep.tokens_as_ids)
 
 
 def _tool_parser(prep: Prepared) -> ToolCallParser | None:
@@ -285,7 +287,7 @@ def _chat_choice(
     return r.ChatChoice(
         index=i,
         message=r.ChatMessage(content=content, tool_calls=calls or None),
-        logprobs=r.chat_logprobs(logprobs) if prep.logprobs else None,
+        logprobs=r.chat_logprobs(logprobs, prep.tokens_as_ids) if prep.logprobs else None,
         finish_reason=_finish_reason(end, bool(calls)) if end is not None else None,  # type: ignore[arg-type]
         error=_choice_error(end),
     )

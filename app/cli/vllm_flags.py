@@ -22,9 +22,10 @@ from pathlib import Path
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Frontend": ("host", "port", "api_key", "api_key_file", "allowed_origins", "chat_template",
                  "tool_call_parser", "max_request_bytes", "request_head_timeout", "max_connections",
-                 "request_timeout", "shutdown_grace", "log_level", "log_prompts"),
+                 "request_timeout", "shutdown_grace", "log_level", "log_prompts",
+                 "return_tokens_as_token_ids"),
     "ModelConfig": ("model", "served_model_name", "dtype", "max_model_len", "seed", "revision", "hf_token",
-                    "generation_config", "override_generation_config"),
+                    "generation_config", "override_generation_config", "max_logprobs", "logprobs_mode"),
     "LoadConfig": ("download_dir", "home"),
     "ParallelConfig": ("tp", "local_ranks", "dist_init", "step_timeout", "rank_death_timeout",
                        "pool_max_restarts"),
