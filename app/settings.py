@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -122,6 +122,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='JSON object over those defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 256}\'',
     )
+    response_role: str = Field(
+        "assistant",
+        min_length=1,
+        description="role of the reply in chat completions (a request with add_generation_prompt false "
+        "gets its last message's role)",
+    )
     max_logprobs: int = Field(
         20,
         ge=-1,
@@ -136,6 +142,17 @@ class Settings(BaseSettings):
     )
     return_tokens_as_token_ids: bool = Field(
         False, description="logprobs name each token token_id:ID instead of its text (bytes stay the token's)"
+    )
+    enable_force_include_usage: bool = Field(
+        False, description="streams end with a usage chunk even without stream_options.include_usage"
+    )
+    enable_prompt_tokens_details: bool = Field(
+        False, description="usage has prompt_tokens_details.cached_tokens (prefix-cache hits)"
+    )
+    default_chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON object of chat template variables under each request's chat_template_kwargs, "
+        """e.g. '{"enable_thinking": false}' (the request's keys win)""",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
@@ -162,14 +179,16 @@ class Settings(BaseSettings):
     def _vllm_dtype(cls, v: object) -> object:
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
-    @field_validator("override_generation_config", mode="before")
+    @field_validator("override_generation_config", "default_chat_template_kwargs", mode="before")
     @classmethod
     def _json_object(cls, v: object) -> object:
         if isinstance(v, str):  # a flag's value; the environment's is decoded by pydantic-settings
             try:
-                return json.loads(v)
+                v = json.loads(v)
             except ValueError as e:
                 raise ValueError(f"not a JSON object: {e}") from None
+            if not isinstance(v, dict):  # a list or a number would fail later with a vaguer message
+                raise ValueError(f"not a JSON object: {json.dumps(v)[:60]}")
         return v
 
     @field_validator("override_generation_config")

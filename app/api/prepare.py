@@ -48,7 +48,9 @@ class Prepared:
     show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
     # completions' echo with logprobs: each prompt's first token (its logprobs are null); else empty
     prompt_heads: tuple[tuple[int, str], ...] = ()  # (id, text)
+    role: str = "assistant"  # chat: the reply's role (--response-role, or the last message's)
     tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs name tokens token_id:ID
+    prompt_tokens_details: bool = False  # --enable-prompt-tokens-details: usage has cached_tokens
 
     @property
     def num_choices(self) -> int:
@@ -89,10 +91,15 @@ def render_chat(
     *,
     add_generation_prompt: bool,
     kwargs: Mapping[str, Any] | None,
+    defaults: Mapping[str, Any],
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text of a conversation; a template that fails is the client's 400 (messages)."""
-    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    """The prompt text of a conversation; a template that fails is the client's 400 (messages).
+
+    defaults: --default-chat-template-kwargs, under the request's own kwargs (its keys win, as in
+    vLLM); /tokenize takes them too, so that it counts the tokens a chat request would run."""
+    merged = {**defaults, **(kwargs or {})}
+    extra = {k: v for k, v in merged.items() if k not in _RESERVED_TEMPLATE_ARGS}
     try:
         return tok.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra
@@ -198,13 +205,16 @@ def prepare_chat(
         messages,
         add_generation_prompt=body.add_generation_prompt,
         kwargs=body.chat_template_kwargs,
+        defaults=settings.default_chat_template_kwargs,
         tools=template_tools,
     )
     ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
     last = body.messages[-1]
-    echo = last.text() if body.echo and last.role == "assistant" else ""
+    # vLLM's: the reply is a new message of --response-role, or continues the last message
+    role = settings.response_role if body.add_generation_prompt else last.role
+    echo = last.text() if body.echo and last.role == role else ""
     parser = settings.tool_call_parser if tools else None
-    return _prepare("chat", body, card, settings, [(ids, echo)], now, grammar, parser)
+    return _prepare("chat", body, card, settings, [(ids, echo)], now, grammar, parser, role=role)
 
 
 def prepare_completion(
@@ -241,6 +251,7 @@ def _prepare(
     tool_parser: str | None = None,
     *,
     pretokenized: bool = False,
+    role: str = "assistant",
 ) -> Prepared:
     params = [
         sampling_params(
@@ -271,11 +282,13 @@ def _prepare(
         GenerateRequest(rid, tuple(ids), sp, now, body.priority, deadline, spec)
         for rid, (ids, _), sp in zip(rids, prompts, params, strict=True)
     )
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    asked_usage = body.stream_options is not None and body.stream_options.include_usage
+    include_usage = asked_usage or settings.enable_force_include_usage
     echo_logprobs = isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
     heads = tuple((ids[0], card.tokenizer.token_text(ids[0])) for ids, _ in prompts) if echo_logprobs else ()
     return Prepared(
         kind, response_id, card.name, int(time.time()), requests, tuple(echo for _, echo in prompts),
         body.n, body.requested_logprobs is not None, body.stream, include_usage, tool_parser,
-        body.prompt_logprobs is not None, heads, settings.return_tokens_as_token_ids,
+        body.prompt_logprobs is not None, heads, role, settings.return_tokens_as_token_ids,
+        settings.enable_prompt_tokens_details,
     )  # fmt: skip

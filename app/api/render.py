@@ -97,7 +97,9 @@ class Tally:
         return index
 
     def usage(self) -> r.UsageInfo:
-        return r.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), sum(self.cached))
+        # prompt_tokens_details only with --enable-prompt-tokens-details, as vLLM
+        cached = sum(self.cached) if self.prep.prompt_tokens_details else None
+        return r.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), cached)
 
 
 def _chunker(
@@ -120,7 +122,7 @@ async def chat_stream(
     chunk = _chunker(prep, r.ChatCompletionStreamResponse)
 
     for i in range(prep.num_choices):  # the role first, as OpenAI does, before any token exists
-        delta = r.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
+        delta = r.DeltaMessage(role=prep.role, content=prep.echo[i // prep.n])
         yield chunk([r.ChatStreamChoice(index=i, delta=delta)])
     parsers = [_tool_parser(prep) for _ in range(prep.num_choices)]
     called = [False] * prep.num_choices
@@ -286,7 +288,7 @@ def _chat_choice(
             content = None  # as OpenAI: a reply that only calls tools has null content
     return r.ChatChoice(
         index=i,
-        message=r.ChatMessage(content=content, tool_calls=calls or None),
+        message=r.ChatMessage(role=prep.role, content=content, tool_calls=calls or None),
         logprobs=r.chat_logprobs(logprobs, prep.tokens_as_ids) if prep.logprobs else None,
         finish_reason=_finish_reason(end, bool(calls)) if end is not None else None,  # type: ignore[arg-type]
         error=_choice_error(end),

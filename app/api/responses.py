@@ -119,7 +119,7 @@ class ChatChoiceLogprobs(_Response):
 
 class ChatMessage(_Response):
     _keep_null = frozenset({"content"})
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # --response-role, or the last message's (app/api/prepare.py)
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
@@ -156,7 +156,7 @@ class DeltaToolCall(_Response):
 
 
 class DeltaMessage(_Response):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 

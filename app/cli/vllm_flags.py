@@ -22,8 +22,9 @@ from pathlib import Path
 HELP_GROUPS: dict[str, tuple[str, ...]] = {
     "Frontend": ("host", "port", "api_key", "api_key_file", "allowed_origins", "chat_template",
                  "tool_call_parser", "max_request_bytes", "request_head_timeout", "max_connections",
-                 "request_timeout", "shutdown_grace", "log_level", "log_prompts",
-                 "return_tokens_as_token_ids"),
+                 "request_timeout", "shutdown_grace", "log_level", "log_prompts", "response_role",
+                 "return_tokens_as_token_ids", "enable_force_include_usage", "enable_prompt_tokens_details",
+                 "default_chat_template_kwargs"),
     "ModelConfig": ("model", "served_model_name", "dtype", "max_model_len", "seed", "revision", "hf_token",
                     "generation_config", "override_generation_config", "max_logprobs", "logprobs_mode"),
     "LoadConfig": ("download_dir", "home"),

@@ -1,5 +1,6 @@
 """vLLM's frontend flags that shape responses, through the official openai client on a real server:
---max-logprobs, --logprobs-mode, --return-tokens-as-token-ids.
+--response-role, --max-logprobs, --logprobs-mode, --return-tokens-as-token-ids,
+--enable-force-include-usage, --enable-prompt-tokens-details, --default-chat-template-kwargs.
 
 One started stack serves a fresh app per test with that test's flags (the API reads them, the
 ranks do not); --logprobs-mode is the sampler's, so each mode gets a stack of its own. References:
@@ -12,6 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import torch
@@ -70,6 +72,35 @@ def ids_of(vocab: Tokenizer, text: str) -> list[int]:
 
 def chat(client: openai.OpenAI, messages: list[dict] = USER, **kw: Any) -> Any:
     return client.chat.completions.create(model="tiny", messages=messages, temperature=0, **kw)
+
+
+# ---- --response-role ------------------------------------------------------------------------------
+
+
+def test_response_role_names_the_reply_in_responses_and_stream_deltas(serve) -> None:
+    with serve(response_role="bot") as (client, _):
+        assert chat(client, max_tokens=3).choices[0].message.role == "bot"
+        chunks = list(chat(client, max_tokens=3, stream=True))
+        assert chunks[0].choices[0].delta.role == "bot"
+        assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    with serve() as (client, _):
+        assert chat(client, max_tokens=3).choices[0].message.role == "assistant"  # vLLM's default
+
+
+def test_without_a_generation_prompt_the_reply_continues_the_last_message_and_its_role(serve) -> None:
+    partial = [*USER, {"role": "assistant", "content": "I am"}]
+    with serve(response_role="bot") as (client, _):
+        kw: dict[str, Any] = {"max_tokens": 3, "extra_body": {"add_generation_prompt": False, "echo": True}}
+        r = chat(client, partial, **kw)
+        assert r.choices[0].message.role == "assistant"  # the last message's role, not --response-role
+        assert r.choices[0].message.content.startswith("I am")  # echo: same role, so it is continued
+        first = next(iter(chat(client, partial, stream=True, **kw)))
+        assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == "I am"
+        # with a generation prompt the reply is a new "bot" message: nothing of "assistant" is echoed
+        fresh = chat(client, partial, max_tokens=3, extra_body={"echo": True})
+        assert fresh.choices[0].message.role == "bot" and not fresh.choices[0].message.content.startswith(
+            "I am"
+        )
 
 
 # ---- --max-logprobs -------------------------------------------------------------------------------
@@ -163,6 +194,67 @@ def test_tokens_as_token_ids_in_completion_logprobs_echo_included(serve, vocab) 
         assert sorted(plain_top.values()) == pytest.approx(sorted(top.values())[-len(plain_top) :])
     stream_tokens = [t for lp in streamed if lp is not None for t in lp.tokens]
     assert stream_tokens == named.tokens[len(ids) :]
+
+
+# ---- usage: --enable-force-include-usage, --enable-prompt-tokens-details ---------------------------
+
+
+def test_force_include_usage_ends_every_stream_with_the_usage(serve) -> None:
+    kw: dict[str, Any] = {"max_tokens": 5, "extra_body": {"ignore_eos": True}}
+    with serve(enable_force_include_usage=True) as (client, _):
+        whole = chat(client, **kw).usage
+        chunks = list(chat(client, stream=True, **kw))
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.model_dump()
+        assert all(c.usage is None for c in chunks[:-1])
+        done = list(client.completions.create(model="tiny", prompt=PROMPT, stream=True, temperature=0, **kw))
+        assert done[-1].choices == [] and done[-1].usage.completion_tokens == 5
+    with serve() as (client, _):  # without it, only stream_options.include_usage asks for it
+        assert all(c.usage is None for c in chat(client, stream=True, **kw))
+
+
+def test_prompt_tokens_details_only_with_the_flag(serve, vocab) -> None:
+    prompt = "A server answers requests in batches; each step runs one forward pass. " * 4
+    assert len(ids_of(vocab, prompt)) > 32
+    kw: dict[str, Any] = {"model": "tiny", "prompt": prompt, "max_tokens": 1}
+    with serve() as (client, url):
+        client.completions.create(**kw)  # fills the prefix cache
+        assert client.completions.create(**kw).usage.prompt_tokens_details is None
+        chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens_details is None
+        raw = httpx.post(url + "/v1/completions", json=kw).json()
+        assert "prompt_tokens_details" not in raw["usage"]  # absent, as vLLM's
+    with serve(enable_prompt_tokens_details=True) as (client, _):
+        usage = client.completions.create(**kw).usage
+        assert usage.prompt_tokens == len(ids_of(vocab, prompt))
+        assert usage.prompt_tokens_details.cached_tokens >= 32  # two whole 16-token blocks at least
+        miss = client.completions.create(model="tiny", prompt="Paris is the capital of France.", max_tokens=1)
+        assert miss.usage.prompt_tokens_details.cached_tokens == 0
+
+
+# ---- --default-chat-template-kwargs ---------------------------------------------------------------
+
+
+def test_default_chat_template_kwargs_go_under_the_requests(serve, vocab) -> None:
+    rendered = "<|im_start|>user\nHello, how are you today?<|im_end|>\n<|im_start|>assistant\n"
+    plain, thinking_off = ids_of(vocab, rendered), ids_of(vocab, "no thinking\n" + rendered)
+    assert len(thinking_off) > len(plain)
+
+    def prompt_ids(client: openai.OpenAI, url: str, **extra: Any) -> list[int]:
+        tokens = httpx.post(url + "/tokenize", json={"messages": USER, **extra}).json()["tokens"]
+        usage = chat(client, max_tokens=1, extra_body=extra).usage
+        assert usage.prompt_tokens == len(tokens)  # /tokenize counts what chat runs
+        return tokens
+
+    with serve(default_chat_template_kwargs='{"enable_thinking": false}') as (client, url):
+        assert prompt_ids(client, url) == thinking_off
+        assert (
+            prompt_ids(client, url, chat_template_kwargs={"enable_thinking": True}) == plain
+        )  # request wins
+        assert (
+            prompt_ids(client, url, chat_template_kwargs={"other": 1}) == thinking_off
+        )  # merged, not replaced
+    with serve() as (client, url):
+        assert prompt_ids(client, url) == plain
 
 
 # ---- --logprobs-mode ------------------------------------------------------------------------------
