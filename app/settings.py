@@ -11,12 +11,15 @@ import os
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+# vLLM's --logprobs-mode: what logprobs report, the model's own distribution (raw) or the one sampled
+# from after penalties, bias, temperature, top-k/top-p/min-p (processed); as log-probabilities or logits
+LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
 # vLLM's spellings of the same dtypes (its `auto` is the checkpoint's dtype; ours the fastest here)
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
@@ -212,6 +215,38 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='JSON object over those defaults, e.g. \'{"temperature": 0.5, "max_new_tokens": 256}\'',
     )
+    response_role: str = Field(
+        "assistant",
+        min_length=1,
+        description="role of the reply in chat completions (a request with add_generation_prompt false "
+        "gets its last message's role)",
+    )
+    max_logprobs: int = Field(
+        20,
+        ge=-1,
+        description="largest logprobs / top_logprobs / prompt_logprobs a request may ask (-1: the "
+        "vocabulary size)",
+    )
+    logprobs_mode: LogprobsMode = Field(
+        "raw_logprobs",
+        description="what logprobs report: the model's distribution (raw) or the one sampled from, after "
+        "penalties, bias, temperature, top-k/top-p/min-p (processed); log-probabilities or logits "
+        "(prompt_logprobs are always raw log-probabilities, as in vLLM)",
+    )
+    return_tokens_as_token_ids: bool = Field(
+        False, description="logprobs name each token token_id:ID instead of its text (bytes stay the token's)"
+    )
+    enable_force_include_usage: bool = Field(
+        False, description="streams end with a usage chunk even without stream_options.include_usage"
+    )
+    enable_prompt_tokens_details: bool = Field(
+        False, description="usage has prompt_tokens_details.cached_tokens (prefix-cache hits)"
+    )
+    default_chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON object of chat template variables under each request's chat_template_kwargs, "
+        """e.g. '{"enable_thinking": false}' (the request's keys win)""",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="log prompts and outputs (off: they never reach the logs)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="compute device")
@@ -243,14 +278,16 @@ class Settings(BaseSettings):
     def _vllm_dtype(cls, v: object) -> object:
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
-    @field_validator("override_generation_config", mode="before")
+    @field_validator("override_generation_config", "default_chat_template_kwargs", mode="before")
     @classmethod
     def _json_object(cls, v: object) -> object:
         if isinstance(v, str):  # a flag's value; the environment's is decoded by pydantic-settings
             try:
-                return json.loads(v)
+                v = json.loads(v)
             except ValueError as e:
                 raise ValueError(f"not a JSON object: {e}") from None
+            if not isinstance(v, dict):  # a list or a number would fail later with a vaguer message
+                raise ValueError(f"not a JSON object: {json.dumps(v)[:60]}")
         return v
 
     @field_validator("override_generation_config")

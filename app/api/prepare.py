@@ -47,7 +47,10 @@ class Prepared:
     tool_parser: str | None = None  # chat with tools offered: the format tool calls are read back from
     show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
     # completions' echo with logprobs: each prompt's first token (its logprobs are null); else empty
-    prompt_heads: tuple[str, ...] = ()
+    prompt_heads: tuple[tuple[int, str], ...] = ()  # (id, text)
+    role: str = "assistant"  # chat: the reply's role (--response-role, or the last message's)
+    tokens_as_ids: bool = False  # --return-tokens-as-token-ids: logprobs name tokens token_id:ID
+    prompt_tokens_details: bool = False  # --enable-prompt-tokens-details: usage has cached_tokens
 
     @property
     def num_choices(self) -> int:
@@ -70,16 +73,33 @@ def check_vocab(ids: Sequence[int], vocab_size: int, param: str) -> None:
         )
 
 
+def check_logprobs(body: p.SamplingRequest, limit: int) -> None:
+    """Every count of alternatives a request asks is at most --max-logprobs (vLLM's check, whose
+    message this keeps); completions' echo scores the prompt with `logprobs`, checked here too."""
+    sampled = "top_logprobs" if isinstance(body, p.ChatCompletionRequest) else "logprobs"
+    for param, k in ((sampled, body.requested_logprobs), ("prompt_logprobs", body.prompt_logprobs)):
+        if k is not None and k > limit:
+            raise InvalidRequest(
+                f"Requested {param} of {k}, which is greater than max allowed: {limit} (--max-logprobs).",
+                param=param,
+            )
+
+
 def render_chat(
     tok: ServedTokenizer,
     messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool,
     kwargs: Mapping[str, Any] | None,
+    defaults: Mapping[str, Any],
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The prompt text of a conversation; a template that fails is the client's 400 (messages)."""
-    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    """The prompt text of a conversation; a template that fails is the client's 400 (messages).
+
+    defaults: --default-chat-template-kwargs, under the request's own kwargs (its keys win, as in
+    vLLM); /tokenize takes them too, so that it counts the tokens a chat request would run."""
+    merged = {**defaults, **(kwargs or {})}
+    extra = {k: v for k, v in merged.items() if k not in _RESERVED_TEMPLATE_ARGS}
     try:
         return tok.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra
@@ -96,6 +116,7 @@ def sampling_params(
     vocab_size: int,
     generation_defaults: Mapping[str, Any],
     default_max_tokens: int,
+    max_logprobs: int,
     noun: str = "prompt",
     check_prompt_ids: bool = False,
 ) -> SamplingParams:
@@ -105,7 +126,7 @@ def sampling_params(
     otherwise, as OpenAI), else the default clipped to the room the prompt leaves.
 
     noun is the parameter that holds the prompt ("prompt" or "messages"); check_prompt_ids: the
-    client gave the prompt as token ids."""
+    client gave the prompt as token ids; max_logprobs: --max-logprobs (-1: the vocabulary size)."""
     prompt_len = len(prompt_ids)
     if prompt_len <= 0:
         raise InvalidRequest(f"The {noun} is empty: there is nothing to complete.", param=noun)
@@ -115,6 +136,7 @@ def sampling_params(
         check_vocab(prompt_ids, vocab_size, "prompt")
     check_vocab(stop_token_ids, vocab_size, "stop_token_ids")
     check_vocab([t for t, _ in logit_bias], vocab_size, "logit_bias")
+    check_logprobs(body, vocab_size if max_logprobs == -1 else max_logprobs)
     if prompt_len >= max_model_len:
         raise ContextTooLong(max_model_len, prompt_len, noun=noun)
     room = max_model_len - prompt_len
@@ -183,13 +205,16 @@ def prepare_chat(
         messages,
         add_generation_prompt=body.add_generation_prompt,
         kwargs=body.chat_template_kwargs,
+        defaults=settings.default_chat_template_kwargs,
         tools=template_tools,
     )
     ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
     last = body.messages[-1]
-    echo = last.text() if body.echo and last.role == "assistant" else ""
+    # vLLM's: the reply is a new message of --response-role, or continues the last message
+    role = settings.response_role if body.add_generation_prompt else last.role
+    echo = last.text() if body.echo and last.role == role else ""
     parser = settings.tool_call_parser if tools else None
-    return _prepare("chat", body, card, settings, [(ids, echo)], now, grammar, parser)
+    return _prepare("chat", body, card, settings, [(ids, echo)], now, grammar, parser, role=role)
 
 
 def prepare_completion(
@@ -226,6 +251,7 @@ def _prepare(
     tool_parser: str | None = None,
     *,
     pretokenized: bool = False,
+    role: str = "assistant",
 ) -> Prepared:
     params = [
         sampling_params(
@@ -235,6 +261,7 @@ def _prepare(
             vocab_size=card.vocab_size,
             generation_defaults=card.tokenizer.generation_defaults,
             default_max_tokens=card.max_model_len if kind == "chat" else COMPLETIONS_DEFAULT_MAX_TOKENS,
+            max_logprobs=settings.max_logprobs,
             noun="messages" if kind == "chat" else "prompt",
             check_prompt_ids=pretokenized,
         )
@@ -255,11 +282,13 @@ def _prepare(
         GenerateRequest(rid, tuple(ids), sp, now, body.priority, deadline, spec)
         for rid, (ids, _), sp in zip(rids, prompts, params, strict=True)
     )
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    asked_usage = body.stream_options is not None and body.stream_options.include_usage
+    include_usage = asked_usage or settings.enable_force_include_usage
     echo_logprobs = isinstance(body, p.CompletionRequest) and body.echo and body.logprobs is not None
-    heads = tuple(card.tokenizer.token_text(ids[0]) for ids, _ in prompts) if echo_logprobs else ()
+    heads = tuple((ids[0], card.tokenizer.token_text(ids[0])) for ids, _ in prompts) if echo_logprobs else ()
     return Prepared(
         kind, response_id, card.name, int(time.time()), requests, tuple(echo for _, echo in prompts),
         body.n, body.requested_logprobs is not None, body.stream, include_usage, tool_parser,
-        body.prompt_logprobs is not None, heads,
+        body.prompt_logprobs is not None, heads, role, settings.return_tokens_as_token_ids,
+        settings.enable_prompt_tokens_details,
     )  # fmt: skip

@@ -2,8 +2,8 @@
 
 Requests are strict (a string is not a number), accept unknown fields (clients send fields we do
 not know; app/api/ignored.py names them), treat ``null`` as absent, and reject NaN/inf. Every limit below is a 400 naming the
-field. Limits that need the model (vocabulary, context, max_tokens) are checked by app/api/prepare.py
-once the prompt is tokenized.
+field. Limits that need the model (vocabulary, context, max_tokens) or the server's settings
+(--max-logprobs) are checked by app/api/prepare.py once the prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from app.api.messages import (
 MAX_N = 16  # choices per request (and best_of, which must equal n)
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_LEN = 256  # characters per stop string
-MAX_TOP_LOGPROBS = 20  # chat top_logprobs, as OpenAI
-MAX_COMPLETION_LOGPROBS = 5  # completions logprobs, as OpenAI
-MAX_PROMPT_LOGPROBS = 20  # prompt_logprobs alternatives, vLLM's default --max-logprobs
 MAX_LOGIT_BIAS = 1024  # logit_bias entries; each bias in [-100, 100]
 MAX_MESSAGES = 1024
 MAX_PROMPTS = 64  # prompts in one completions request
@@ -176,7 +173,7 @@ class SamplingRequest(_TopLevel):
     guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
     structured_outputs: StructuredOutputs | None = None  # vLLM's current name for the guided_* fields
     # vLLM: every prompt token's logprob plus this many alternatives (not streamed)
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0)
 
     @field_validator("stream_options")
     @classmethod
@@ -263,7 +260,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], SkipValidation]
     echo: bool = False  # before max_tokens and logprobs: their validators read it
     max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo or prompt_logprobs)
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
     best_of: PositiveInt | None = None
 
@@ -337,7 +334,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: PositiveInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

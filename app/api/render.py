@@ -97,7 +97,9 @@ class Tally:
         return index
 
     def usage(self) -> r.UsageInfo:
-        return r.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), sum(self.cached))
+        # prompt_tokens_details only with --enable-prompt-tokens-details, as vLLM
+        cached = sum(self.cached) if self.prep.prompt_tokens_details else None
+        return r.UsageInfo.of(self.prep.prompt_tokens, sum(self.completion), cached)
 
 
 def _chunker(
@@ -120,14 +122,14 @@ async def chat_stream(
     chunk = _chunker(prep, r.ChatCompletionStreamResponse)
 
     for i in range(prep.num_choices):  # the role first, as OpenAI does, before any token exists
-        delta = r.DeltaMessage(role="assistant", content=prep.echo[i // prep.n])
+        delta = r.DeltaMessage(role=prep.role, content=prep.echo[i // prep.n])
         yield chunk([r.ChatStreamChoice(index=i, delta=delta)])
     parsers = [_tool_parser(prep) for _ in range(prep.num_choices)]
     called = [False] * prep.num_choices
     async with contextlib.aclosing(outputs):
         async for prompt, out in outputs:
             i = tally.add(prompt, out)
-            lp = r.chat_logprobs(out.logprobs) if prep.logprobs and out.logprobs else None
+            lp = r.chat_logprobs(out.logprobs, prep.tokens_as_ids) if prep.logprobs and out.logprobs else None
             parser = parsers[i]
             if parser is None:
                 if out.text or lp is not None:
@@ -166,7 +168,7 @@ async def completion_stream(
             i = tally.add(prompt, out)
             lp = None
             if prep.logprobs and out.logprobs:
-                lp = r.completion_logprobs(out.logprobs, offsets[i])
+                lp = r.completion_logprobs(out.logprobs, offsets[i], as_ids=prep.tokens_as_ids)
                 offsets[i] += sum(len(t.token) for t in out.logprobs)
             if out.text or lp is not None:
                 yield chunk([r.CompletionChoice(index=i, text=out.text, logprobs=lp)])
@@ -230,8 +232,10 @@ def _completion_logprobs(
     if not prep.logprobs:
         return None
     if prep.prompt_heads:  # echo: the prompt's tokens first, from offset 0
-        return r.completion_logprobs([*scored, *logprobs], 0, prep.prompt_heads[i // prep.n])
-    return r.completion_logprobs(logprobs, echo_len)
+        return r.completion_logprobs(
+            [*scored, *logprobs], 0, prep.prompt_heads[i // prep.n], as_ids=prep.tokens_as_ids
+        )
+    return r.completion_logprobs(logprobs, echo_len, as_ids=prep.tokens_as_ids)
 
 
 def _tool_parser(prep: Prepared) -> ToolCallParser | None:
@@ -284,8 +288,8 @@ def _chat_choice(
             content = None  # as OpenAI: a reply that only calls tools has null content
     return r.ChatChoice(
         index=i,
-        message=r.ChatMessage(content=content, tool_calls=calls or None),
-        logprobs=r.chat_logprobs(logprobs) if prep.logprobs else None,
+        message=r.ChatMessage(role=prep.role, content=content, tool_calls=calls or None),
+        logprobs=r.chat_logprobs(logprobs, prep.tokens_as_ids) if prep.logprobs else None,
         finish_reason=_finish_reason(end, bool(calls)) if end is not None else None,  # type: ignore[arg-type]
         error=_choice_error(end),
     )

@@ -119,7 +119,7 @@ class ChatChoiceLogprobs(_Response):
 
 class ChatMessage(_Response):
     _keep_null = frozenset({"content"})
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # --response-role, or the last message's (app/api/prepare.py)
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
@@ -156,7 +156,7 @@ class DeltaToolCall(_Response):
 
 
 class DeltaMessage(_Response):
-    role: Literal["assistant"] | None = None
+    role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
@@ -212,26 +212,39 @@ def safe_logprob(x: float) -> float:
     return x if math.isfinite(x) else LOGPROB_FLOOR
 
 
+def token_label(token_id: int, text: str, as_ids: bool) -> str:
+    """How logprobs name a token: its text, or with --return-tokens-as-token-ids `token_id:ID` (as
+    vLLM's), which a client can map back to the token even where its text is not whole UTF-8."""
+    return f"token_id:{token_id}" if as_ids else text
+
+
 def completion_logprobs(
-    logprobs: Sequence[TokenLogprob], start_offset: int = 0, first_prompt_token: str | None = None
+    logprobs: Sequence[TokenLogprob],
+    start_offset: int = 0,
+    first_prompt_token: tuple[int, str] | None = None,
+    as_ids: bool = False,
 ) -> CompletionLogprobs:
     """The completions API's parallel lists; text_offset counts characters from start_offset.
 
     first_prompt_token: echo with logprobs (logprobs then starts with the scored prompt): the
-    prompt's first token, which nothing scores, goes first with null logprobs, as in OpenAI's API."""
+    prompt's first token (id, text), which nothing scores, goes first with null logprobs, as in
+    OpenAI's API. as_ids: tokens named token_id:ID; text_offset still counts the tokens' text (vLLM
+    counts the labels' characters, offsets into no text)."""
     out = CompletionLogprobs()
     offset = start_offset
     if first_prompt_token is not None:
-        out.tokens.append(first_prompt_token)
+        head_id, head = first_prompt_token
+        out.tokens.append(token_label(head_id, head, as_ids))
         out.token_logprobs.append(None)
         out.top_logprobs.append(None)
         out.text_offset.append(offset)
-        offset += len(first_prompt_token)
+        offset += len(head)
     for lp in logprobs:
         top: dict[str, float] = {}
-        for _, text, value in lp.top:  # distinct ids may share a text: keep the likelier
-            top[text] = max(top.get(text, LOGPROB_FLOOR), safe_logprob(value))
-        out.tokens.append(lp.token)
+        for i, text, value in lp.top:  # distinct ids may share a text: keep the likelier
+            label = token_label(i, text, as_ids)
+            top[label] = max(top.get(label, LOGPROB_FLOOR), safe_logprob(value))
+        out.tokens.append(token_label(lp.token_id, lp.token, as_ids))
         out.token_logprobs.append(safe_logprob(lp.logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
@@ -239,16 +252,17 @@ def completion_logprobs(
     return out
 
 
-def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatChoiceLogprobs:
+def chat_logprobs(logprobs: Sequence[TokenLogprob], as_ids: bool = False) -> ChatChoiceLogprobs:
+    """as_ids: tokens named token_id:ID; bytes stay each token's own."""
     return ChatChoiceLogprobs(
         content=[
             ChatLogprob(
-                token=lp.token,
+                token=token_label(lp.token_id, lp.token, as_ids),
                 logprob=safe_logprob(lp.logprob),
                 bytes=list(lp.bytes),
                 top_logprobs=[
-                    ChatLogprobTop(token=t, logprob=safe_logprob(v), bytes=list(raw))
-                    for (_, t, v), raw in zip(lp.top, lp.top_bytes, strict=True)
+                    ChatLogprobTop(token=token_label(i, t, as_ids), logprob=safe_logprob(v), bytes=list(raw))
+                    for (i, t, v), raw in zip(lp.top, lp.top_bytes, strict=True)
                 ],
             )
             for lp in logprobs

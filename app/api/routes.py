@@ -218,6 +218,7 @@ async def tokenize(body: p.TokenizeRequest, card: CardDep, record: RecordDep, st
             template_messages(body.messages),
             add_generation_prompt=body.add_generation_prompt,
             kwargs=body.chat_template_kwargs,
+            defaults=state.settings.default_chat_template_kwargs,
         )
         ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     else:

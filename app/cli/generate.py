@@ -35,6 +35,7 @@ def generate(settings: Settings, ns: argparse.Namespace) -> int:
             vocab_size=stack.card.vocab_size,
             generation_defaults={},
             default_max_tokens=ns.max_tokens,
+            max_logprobs=settings.max_logprobs,
         )
     except APIError as e:
         raise ValueError(e.message) from None

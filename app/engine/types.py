@@ -166,7 +166,7 @@ NO_TOKEN = -1  # SampledToken.token_id when a constrained row's mask (with its b
 class SampledToken:
     seq_id: int
     token_id: int
-    logprob: float | None = None  # log-probability of token_id under the processed distribution
+    logprob: float | None = None  # token_id's logprob (or logit) as --logprobs-mode says (sampler.py)
     top_logprobs: tuple[tuple[int, float], ...] = ()  # the k most likely (id, logprob)
 
 

@@ -14,6 +14,7 @@ from app.engine.types import SampledToken, StepOutput, StepPlan
 from app.layers.attention import build_kernel_metadata, build_spans
 from app.model.loader import LoadedModel
 from app.model.memory import resident_bytes
+from app.settings import LogprobsMode
 from app.worker.prompt_scoring import score_prompts
 from app.worker.sampler import Sampler
 
@@ -57,11 +58,12 @@ class ModelRunner:
         is_driver: bool,
         seed: int = 0,
         kv_dtype: torch.dtype = torch.float32,
+        logprobs_mode: LogprobsMode = "raw_logprobs",
     ) -> None:
         self.loaded, self.model = loaded, loaded.model
         self.block_size, self.num_blocks = block_size, num_blocks
         self.kv_storage, self.kv_caches = allocate_kv(loaded, num_blocks, block_size, kv_dtype)
-        self.sampler = Sampler(loaded.config.vocab_size, seed) if is_driver else None
+        self.sampler = Sampler(loaded.config.vocab_size, seed, logprobs_mode) if is_driver else None
 
     @property
     def kv_cache_bytes(self) -> int:

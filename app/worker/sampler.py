@@ -5,8 +5,12 @@ draws its one uniform (inverse-CDF sampling) from its own generator seeded by (s
 token it samples), so a seeded choice samples the same tokens in any batch, and again after a
 preemption recomputes it.
 
-Logprobs are those of the model's raw distribution (log_softmax of the logits before penalties,
-temperature and truncation), as vLLM reports them by default."""
+Logprobs follow vLLM's --logprobs-mode: by default those of the model's raw distribution
+(log_softmax of the logits before penalties, temperature and truncation); "processed" those of the
+distribution a row samples from (after penalties, bias, min_tokens bans and a grammar's mask, then,
+for a sampled row, temperature, top-k/top-p and min-p: a token cut by them has -inf); "*_logits"
+the logits themselves instead of log-probabilities. A greedy row's processed distribution has no
+temperature or truncation: it takes the argmax of the penalized logits (as vLLM's)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.types import NO_TOKEN, SampledToken, SamplerParams, SeqSampling
+from app.settings import LogprobsMode
 
 
 @dataclass
@@ -33,8 +38,9 @@ def _generator_for(seed: int, index: int) -> torch.Generator:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, seed: int = 0, logprobs_mode: LogprobsMode = "raw_logprobs") -> None:
         self.vocab_size = vocab_size
+        self.logprobs_mode = logprobs_mode
         self.states: dict[int, _SeqState] = {}
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
@@ -75,8 +81,9 @@ class Sampler:
         allowed: bool token masks of constrained rows by seq id (bits past the vocabulary ignored,
         tokens past the mask forbidden); a row whose mask and bans leave nothing gets NO_TOKEN."""
         logits = logits[:, : self.vocab_size].float()
-        raw = logits.clone() if any(self.states[s].params.logprobs is not None for s in seq_ids) else None
         states = [self.states[s] for s in seq_ids]
+        want_logprobs = any(st.params.logprobs is not None for st in states)
+        raw = logits.clone() if want_logprobs and self.logprobs_mode.startswith("raw") else None
         for row, (st, n_out) in enumerate(zip(states, num_outputs, strict=True)):
             self._penalize(logits, row, st, n_out)
         dead: set[int] = set()
@@ -91,10 +98,13 @@ class Sampler:
                     dead.add(row)
                     logits[row, 0] = 0.0  # a harmless distribution; the row answers NO_TOKEN
         tokens = logits.argmax(dim=-1)
+        reported = raw if raw is not None else logits  # processed: greedy rows' are these logits
         sampled_rows = [r for r, st in enumerate(states) if not st.params.greedy]
         if sampled_rows:
             idx = torch.tensor(sampled_rows)
-            probs = self._probs(logits[idx], [states[r].params for r in sampled_rows])
+            processed, probs = self._probs(logits[idx], [states[r].params for r in sampled_rows])
+            if want_logprobs and raw is None:  # out of place: `logits` gave the greedy tokens
+                reported = logits.index_copy(0, idx, processed)
             u = torch.empty(len(sampled_rows), dtype=torch.float64)
             for j, r in enumerate(sampled_rows):
                 seed = states[r].params.seed
@@ -106,7 +116,11 @@ class Sampler:
             finite = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
             tokens[idx] = torch.where(finite, drawn, tokens[idx])
         out = []
-        logprobs = torch.log_softmax(raw, dim=-1) if raw is not None else None
+        logprobs = None
+        if want_logprobs:
+            logprobs = (
+                reported if self.logprobs_mode.endswith("logits") else torch.log_softmax(reported, dim=-1)
+            )
         for row, (sid, st) in enumerate(zip(seq_ids, states, strict=True)):
             if row in dead:
                 out.append(SampledToken(sid, NO_TOKEN))
@@ -123,8 +137,9 @@ class Sampler:
         return out
 
     @staticmethod
-    def _probs(logits: torch.Tensor, params: list[SamplerParams]) -> torch.Tensor:
-        """The distribution each row samples from: temperature, then top-k/top-p, then min-p."""
+    def _probs(logits: torch.Tensor, params: list[SamplerParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distribution each row samples from: temperature, then top-k/top-p, then min-p; as
+        logits (-inf where cut: the processed logprobs modes report them) and as probabilities."""
         temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
         logits = logits / temps
         v = logits.shape[-1]
@@ -136,8 +151,10 @@ class Sampler:
         min_p = [p.min_p for p in params]
         if any(m > 0 for m in min_p):
             floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, dtype=probs.dtype)[:, None]
-            probs = probs.masked_fill(probs < floor, 0.0)
-        return probs
+            cut = probs < floor
+            probs = probs.masked_fill(cut, 0.0)
+            logits = logits.masked_fill(cut, float("-inf"))
+        return logits, probs
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,7 @@ def worker_main(
             is_driver=rank == 0,
             seed=s.seed,
             kv_dtype=torch.float16 if kv_dtype == "fp16" else torch.float32,
+            logprobs_mode=s.logprobs_mode,
         )
         if launch.remote:
             torch.distributed.barrier()  # ready only when every rank, local or not, has loaded

@@ -110,12 +110,10 @@ def test_shared_bounds(cls: type, base: dict, field: str, bad: object, good: obj
     "body,param",
     [
         ({"prompt": "x", "logprobs": -1}, "logprobs"),
-        ({"prompt": "x", "logprobs": p.MAX_COMPLETION_LOGPROBS + 1}, "logprobs"),
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "suffix": "tail"}, "suffix"),
         ({"prompt": "x", "n": 2, "best_of": 3}, "best_of"),
         ({"prompt": "x", "n": 2, "best_of": 1}, "best_of"),
-        ({"prompt": "x", "prompt_logprobs": p.MAX_PROMPT_LOGPROBS + 1}, "prompt_logprobs"),
         ({"prompt": "x", "stream": True, "prompt_logprobs": 0}, "prompt_logprobs"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
@@ -183,7 +181,6 @@ def msgs(*messages: dict) -> dict:
         (msgs({"role": "user"}), "messages[0]", "needs content"),
         (msgs({"role": "user", "content": 5}), "messages[0].content", ""),
         ({"messages": "hi"}, "messages", ""),
-        ({**MSGS, "top_logprobs": p.MAX_TOP_LOGPROBS + 1, "logprobs": True}, "top_logprobs", "20"),
         ({**MSGS, "top_logprobs": 2}, "top_logprobs", "requires logprobs"),
         ({**MSGS, "max_completion_tokens": 0}, "max_completion_tokens", ""),
         ({**MSGS, "logprobs": 1}, "logprobs", ""),
@@ -359,6 +356,7 @@ def sampling(
     vocab_size: int = 10**6,
     generation_defaults: dict | None = None,
     default_max_tokens: int = 100,
+    max_logprobs: int = 20,
     **kw: object,
 ) -> SamplingParams:
     ids = list(range(prompt)) if isinstance(prompt, int) else prompt
@@ -369,6 +367,7 @@ def sampling(
         vocab_size=vocab_size,
         generation_defaults=generation_defaults or {},
         default_max_tokens=default_max_tokens,
+        max_logprobs=max_logprobs,
         **kw,  # type: ignore[arg-type]
     )
 
@@ -494,6 +493,30 @@ def test_ids_outside_vocab(body: dict, kw: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         check(completion(**body), [1, 100, 2], **kw)
     assert info.value.param == param and "100" in info.value.message
+
+
+def chat(**body: object) -> p.ChatCompletionRequest:
+    return p.ChatCompletionRequest.model_validate({**MSGS, **body})
+
+
+@pytest.mark.parametrize(
+    "req,param",
+    [
+        (lambda k: completion(logprobs=k), "logprobs"),
+        (lambda k: completion(echo=True, logprobs=k, max_tokens=0), "logprobs"),  # scores the prompt with k
+        (lambda k: completion(prompt_logprobs=k), "prompt_logprobs"),
+        (lambda k: chat(logprobs=True, top_logprobs=k), "top_logprobs"),
+        (lambda k: chat(prompt_logprobs=k), "prompt_logprobs"),
+    ],
+)
+@pytest.mark.parametrize("limit", [0, 7, -1])
+def test_max_logprobs_bounds_every_logprobs_field(req, param: str, limit: int) -> None:
+    top = 100 if limit == -1 else limit  # -1: the vocabulary (check() serves 100 tokens)
+    check(req(top), 1, max_logprobs=limit)
+    with pytest.raises(InvalidRequest) as info:
+        check(req(top + 1), 1, max_logprobs=limit)
+    assert info.value.param == param and info.value.status_code == 400
+    assert f"{param} of {top + 1}" in info.value.message and f"max allowed: {top}" in info.value.message
 
 
 def test_ids_inside_vocab_pass() -> None:
@@ -711,6 +734,7 @@ def make_app() -> FastAPI:
                 vocab_size=1000,
                 generation_defaults={},
                 default_max_tokens=64,
+                max_logprobs=20,
                 noun=noun,
                 check_prompt_ids=True,
             )

@@ -117,6 +117,48 @@ def test_help_groups_as_vllm():
         assert flag.names[0] in text
 
 
+def test_vllm_frontend_flags_parse_from_the_command_line_a_config_file_and_the_environment(
+    tmp_path, monkeypatch, capsys
+):
+    s, warnings = parse(
+        "--response-role", "bot", "--max-logprobs", "-1", "--logprobs-mode", "processed_logits",
+        "--return-tokens-as-token-ids", "--enable-force-include-usage", "--enable-prompt-tokens-details",
+        "--default-chat-template-kwargs", '{"enable_thinking": false}',
+    )  # fmt: skip
+    assert (s.response_role, s.max_logprobs, s.logprobs_mode, warnings) == ("bot", -1, "processed_logits", [])
+    assert s.return_tokens_as_token_ids and s.enable_force_include_usage and s.enable_prompt_tokens_details
+    assert s.default_chat_template_kwargs == {"enable_thinking": False}
+    defaults = parse()[0]  # vLLM's defaults
+    assert (defaults.response_role, defaults.max_logprobs, defaults.logprobs_mode) == (
+        "assistant",
+        20,
+        "raw_logprobs",
+    )
+    assert not (defaults.return_tokens_as_token_ids or defaults.enable_force_include_usage)
+    assert not defaults.enable_prompt_tokens_details and defaults.default_chat_template_kwargs == {}
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        "default-chat-template-kwargs: {enable_thinking: false}\nreturn_tokens_as_token_ids: true\n"
+    )
+    s = parse("--config", str(cfg))[0]
+    assert s.default_chat_template_kwargs == {"enable_thinking": False} and s.return_tokens_as_token_ids
+    monkeypatch.setenv("SHARDSERVE_DEFAULT_CHAT_TEMPLATE_KWARGS", '{"x": [1]}')
+    monkeypatch.setenv("SHARDSERVE_MAX_LOGPROBS", "5")
+    assert (Settings().default_chat_template_kwargs, Settings().max_logprobs) == ({"x": [1]}, 5)
+    monkeypatch.delenv("SHARDSERVE_DEFAULT_CHAT_TEMPLATE_KWARGS")
+    for bad, words in [
+        (["--default-chat-template-kwargs", "[1]"], "--default-chat-template-kwargs: not a JSON object"),
+        (["--default-chat-template-kwargs", "{x"], "--default-chat-template-kwargs: not a JSON object"),
+        (["--max-logprobs", "-2"], "--max-logprobs: "),
+    ]:
+        assert main(["serve", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("shardserve: error: " + words) and "\n" not in err
+    with pytest.raises(SystemExit):  # vLLM's four modes, nothing else
+        parse("--logprobs-mode", "logits")
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_generation_config_choices(tmp_path_factory, tmp_path):
     model = tiny_llama(tmp_path_factory)
     other = tmp_path / "gen"

@@ -34,7 +34,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    settings = tiny_settings(model_dir)
+    # usage shows prefix-cache hits (test_prefix_cache_shows_in_usage), as vLLM's with this flag
+    settings = tiny_settings(model_dir, enable_prompt_tokens_details=True)
     with started_stack(settings) as stack, live_app(settings, stack) as srv:
         yield srv
 

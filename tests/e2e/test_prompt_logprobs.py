@@ -36,7 +36,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model_dir):
     # block_size 16 and a small step budget: long prompts are chunked and fill whole cache blocks
-    settings = tiny_settings(model_dir, max_num_batched_tokens=32)
+    # usage shows prefix-cache hits: scored prompts bypass the cache (vLLM's flag for them)
+    settings = tiny_settings(model_dir, max_num_batched_tokens=32, enable_prompt_tokens_details=True)
     with started_stack(settings) as stack, live_app(settings, stack) as srv:
         yield srv
 

@@ -91,7 +91,7 @@ def test_untruncated_rows_sample_the_full_softmax_whatever_their_neighbours():
     x = torch.randn(4, 49152, generator=torch.Generator().manual_seed(1)) * 3
     neighbours = [SamplingParams(top_p=0.5), SamplingParams(top_k=3), SamplingParams(min_p=0.2)]
     for params in ([SamplingParams(), *neighbours], [SamplingParams(top_k=0, top_p=1.0, min_p=0.0)] * 4):
-        probs = Sampler._probs(x.clone(), params)  # the private hook: what the row samples from
+        _, probs = Sampler._probs(x.clone(), params)  # the private hook: what the row samples from
         assert torch.equal(probs[0], torch.softmax(x[0], -1))
 
 
@@ -237,6 +237,43 @@ def test_logprobs_are_raw_log_softmax_with_sorted_top():
         assert lp == pytest.approx(float(ref[0, i]), abs=1e-6)
     assert toks[1].top_logprobs == ()
     assert toks[2].logprob is None and toks[2].top_logprobs == ()
+
+
+def _processed_logits(logits: torch.Tensor) -> torch.Tensor:
+    """By hand, what the three rows of test_logprobs_modes sample from, as logits (-inf: cut)."""
+    out = logits.clone()
+    for i in (5, 6):  # row 0: greedy, repetition penalty 1.5 on the prompt's ids, no temperature
+        out[0, i] = out[0, i] / 1.5 if out[0, i] > 0 else out[0, i] * 1.5
+    row1 = logits[1] / 0.7  # temperature 0.7, top_k 4
+    out[1] = row1.masked_fill(row1 < row1.topk(4).values[-1], float("-inf"))
+    row2 = logits[2] / 1.3  # temperature 1.3, min_p 0.2
+    probs = row2.softmax(-1)
+    out[2] = row2.masked_fill(probs < 0.2 * probs.max(), float("-inf"))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"])
+def test_logprobs_modes(mode) -> None:
+    """vLLM's --logprobs-mode: the raw or the processed distribution, as logprobs or as logits."""
+    logits = rand_logits(3, seed=11)
+    sampler = Sampler(V, logprobs_mode=mode)
+    sids = [
+        add(sampler, temperature=0.0, logprobs=3, repetition_penalty=1.5),
+        add(sampler, temperature=0.7, top_k=4, seed=1, logprobs=5),
+        add(sampler, temperature=1.3, min_p=0.2, seed=2, logprobs=2),
+    ]
+    toks = sampler.sample(logits.clone(), sids, [0, 0, 0])
+    source = logits if mode.startswith("raw") else _processed_logits(logits)
+    ref = source if mode.endswith("logits") else torch.log_softmax(source, -1)
+    for row, tok in enumerate(toks):
+        assert tok.logprob == pytest.approx(float(ref[row, tok.token_id]), abs=1e-5), row
+        assert torch.isfinite(torch.tensor(tok.logprob)), "a sampled token is never one that was cut"
+        expected = ref[row].topk(len(tok.top_logprobs))
+        finite = [i for i, v in tok.top_logprobs if v > float("-inf")]  # cut tokens tie in any order
+        assert finite == expected.indices.tolist()[: len(finite)]
+        assert [v for _, v in tok.top_logprobs] == pytest.approx(expected.values.tolist(), abs=1e-5)
+    if mode.startswith("processed"):
+        assert toks[1].top_logprobs[4][1] == float("-inf")  # outside top_k 4
 
 
 @pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-8])
