@@ -88,9 +88,7 @@ def check_logprobs(body: p.SamplingRequest, limit: int) -> None:
 def render_chat(
     tok: ServedTokenizer,
     messages: list[dict[str, Any]],
-    *,
-    add_generation_prompt: bool,
-    kwargs: Mapping[str, Any] | None,
+    how: p.ChatTemplateFields,
     defaults: Mapping[str, Any],
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
@@ -98,11 +96,16 @@ def render_chat(
 
     defaults: --default-chat-template-kwargs, under the request's own kwargs (its keys win, as in
     vLLM); /tokenize takes them too, so that it counts the tokens a chat request would run."""
-    merged = {**defaults, **(kwargs or {})}
+    merged = {**defaults, **(how.chat_template_kwargs or {})}
     extra = {k: v for k, v in merged.items() if k not in _RESERVED_TEMPLATE_ARGS}
     try:
         return tok.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra
+            messages,
+            add_generation_prompt=how.add_generation_prompt,
+            tools=tools,
+            documents=how.documents,
+            continue_final_message=how.continue_final_message,
+            **extra,
         )
     except ChatTemplateError as e:
         raise InvalidRequest(f"{str(e)[:300]}.", param="messages") from None
@@ -200,15 +203,8 @@ def prepare_chat(
         template_tools = [t.model_dump(exclude_none=True) for t in tools] or None
     else:
         messages = inject_tools(messages, tools)
-    text = render_chat(
-        tok,
-        messages,
-        add_generation_prompt=body.add_generation_prompt,
-        kwargs=body.chat_template_kwargs,
-        defaults=settings.default_chat_template_kwargs,
-        tools=template_tools,
-    )
-    ids = tok.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+    text = render_chat(tok, messages, body, settings.default_chat_template_kwargs, template_tools)
+    ids = truncated(tok.encode(text, add_special_tokens=body.add_special_tokens), body, card.max_model_len)
     last = body.messages[-1]
     # vLLM's: the reply is a new message of --response-role, or continues the last message
     role = settings.response_role if body.add_generation_prompt else last.role
@@ -225,13 +221,29 @@ def prepare_completion(
     pretokenized = False
     for prompt in body.prompt_list():
         pretokenized = isinstance(prompt, list)
-        ids = list(prompt) if pretokenized else tok.encode(prompt)
+        whole = (
+            list(prompt) if pretokenized else tok.encode(prompt, add_special_tokens=body.add_special_tokens)
+        )
+        ids = truncated(whole, body, card.max_model_len)
         echo = ""
-        if body.echo:
-            echo = prompt if isinstance(prompt, str) else _decode_prompt(tok, ids, card.vocab_size)
+        if body.echo:  # the prompt the model saw: after any truncation
+            echo = (
+                prompt
+                if isinstance(prompt, str) and ids == whole
+                else _decode_prompt(tok, ids, card.vocab_size)
+            )
         prompts.append((ids, echo))
     grammar = output_constraint(body)
     return _prepare("completion", body, card, settings, prompts, now, grammar, pretokenized=pretokenized)
+
+
+def truncated(ids: list[int], body: p.SamplingRequest, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens; -1: the last that leave room for
+    the requested max_tokens (one token when none is given) in the context."""
+    k = body.truncate_prompt_tokens
+    if k == -1:
+        k = max_model_len - max(body.requested_max_tokens or 1, 1)
+    return ids[-k:] if k is not None and 0 < k < len(ids) else ids
 
 
 def _decode_prompt(tok: ServedTokenizer, ids: Sequence[int], vocab_size: int) -> str:
@@ -289,6 +301,7 @@ def _prepare(
     return Prepared(
         kind, response_id, card.name, int(time.time()), requests, tuple(echo for _, echo in prompts),
         body.n, body.requested_logprobs is not None, body.stream, include_usage, tool_parser,
-        body.prompt_logprobs is not None, heads, role, settings.return_tokens_as_token_ids,
+        body.prompt_logprobs is not None, heads, role,
+        settings.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None else body.return_tokens_as_token_ids,
         settings.enable_prompt_tokens_details,
     )  # fmt: skip

@@ -86,6 +86,15 @@ def _check_unicode(value: Any, path: str = "") -> None:
             _check_unicode(v, f"{path}[{i}]")
 
 
+_UNSUPPORTED = {
+    "use_beam_search": "sampling draws one token at a time (n and best_of give several samples)",
+    "allowed_token_ids": "use structured_outputs.choice, or logit_bias",
+    "bad_words": "use logit_bias to ban tokens",
+    "logits_processors": "no code is run from a request",
+    "prompt_embeds": "prompts are text or token ids",
+}
+
+
 class _TopLevel(StrictModel):
     """A whole request body: its text is checked once, here, not by every nested model. Unknown
     top-level fields are kept aside (model_extra) so the route can name them."""
@@ -174,6 +183,31 @@ class SamplingRequest(_TopLevel):
     structured_outputs: StructuredOutputs | None = None  # vLLM's current name for the guided_* fields
     # vLLM: every prompt token's logprob plus this many alternatives (not streamed)
     prompt_logprobs: int | None = Field(None, ge=0)
+    # vLLM's: keep only the prompt's last k tokens (-1: the last that leave room for max_tokens)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    return_tokens_as_token_ids: bool | None = None  # vLLM's; None: --return-tokens-as-token-ids
+    # vLLM's fields that would change the output and that we do not implement: refused, not ignored
+    use_beam_search: bool = False
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: list[Any] | None = None
+    prompt_embeds: Any = None
+
+    @field_validator(
+        "use_beam_search", "allowed_token_ids", "bad_words", "logits_processors", "prompt_embeds"
+    )
+    @classmethod
+    def _not_implemented(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, False, []):
+            raise invalid_value(f"{info.field_name} is not supported: {_UNSUPPORTED[info.field_name]}")
+        return v
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_keeps_something(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise invalid_value("truncate_prompt_tokens must be -1 or at least 1")
+        return v
 
     @field_validator("stream_options")
     @classmethod
@@ -263,6 +297,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
     best_of: PositiveInt | None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a text prompt
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -329,7 +364,34 @@ class CompletionRequest(SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateFields(_TopLevel):
+    """How messages become the prompt text, as vLLM takes it on /v1/chat/completions and /tokenize."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last message (no end-of-turn)
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = Field(None, max_length=MAX_MESSAGES)
+    chat_template: str | None = None  # vLLM runs it only with --trust-request-chat-template
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_or_new_turn(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("add_generation_prompt", True):
+            raise invalid_value("continue_final_message needs add_generation_prompt to be false")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _no_request_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise invalid_value(
+                "chat_template in a request is never run (a template is code); the server's is "
+                "the model's own or --chat-template"
+            )
+        return v
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     messages: list[ChatMessageParam] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: PositiveInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: PositiveInt | None = None
@@ -339,8 +401,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     echo: bool = False  # vLLM: prepend the last message's content when it has the reply's role
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool = False  # vLLM's: the template writes any BOS itself
 
     @field_validator("top_logprobs")
     @classmethod
@@ -361,15 +422,13 @@ class ChatCompletionRequest(SamplingRequest):
         return template_messages(self.messages)
 
 
-class TokenizeRequest(_TopLevel):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageParam] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (as vLLM)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
     @model_validator(mode="after")

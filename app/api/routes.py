@@ -214,11 +214,7 @@ async def tokenize(body: p.TokenizeRequest, card: CardDep, record: RecordDep, st
     tok = card.tokenizer
     if body.messages is not None:
         text = render_chat(
-            tok,
-            template_messages(body.messages),
-            add_generation_prompt=body.add_generation_prompt,
-            kwargs=body.chat_template_kwargs,
-            defaults=state.settings.default_chat_template_kwargs,
+            tok, template_messages(body.messages), body, state.settings.default_chat_template_kwargs
         )
         ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
     else:

@@ -198,22 +198,30 @@ def render_chat(
     *,
     add_generation_prompt: bool = True,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    documents: Sequence[Mapping[str, Any]] | None = None,
+    continue_final_message: bool = False,
     special_tokens: Mapping[str, str | None] | None = None,
     **extra: Any,
 ) -> str:
-    """Render one conversation. ``special_tokens`` (bos_token, eos_token, ...) are overridden by ``extra``."""
+    """Render one conversation. ``special_tokens`` (bos_token, eos_token, ...) are overridden by ``extra``.
+
+    continue_final_message: the text ends right after the last message's content, without the
+    template's end of turn, so the model carries that message on (transformers' rule: the last
+    occurrence of the content in the rendered text)."""
     compiled = compile_template(source)
     plain_messages = _plain(list(messages))
     for i, message in enumerate(plain_messages):
         if not isinstance(message, dict):
             raise ChatTemplateError(f"message {i} is not an object: {message!r}"[:200])
     chat = [_adapt_message(m, compiled) for m in plain_messages]
+    if continue_final_message:
+        _mark_final_message(chat)
     variables = {**(special_tokens or {}), **_plain(extra)}
     try:
-        return compiled.template.render(
+        text = compiled.template.render(
             messages=chat,
             tools=_plain(list(tools)) if tools is not None else None,
-            documents=None,
+            documents=_plain(list(documents)) if documents is not None else None,
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
@@ -221,3 +229,31 @@ def render_chat(
         raise ChatTemplateError(f"chat template error: {e.message or type(e).__name__}") from e
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise ChatTemplateError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
+    return _cut_at_mark(text) if continue_final_message else text
+
+
+_CONTINUE_MARK = "<|shardserve-continue|> "
+
+
+def _mark_final_message(chat: list[dict]) -> None:
+    """The final message's (last) text gets a mark, to cut the rendered text at: whatever the
+    template writes after that message (its end of turn) goes."""
+    content = chat[-1].get("content") if chat else None
+    if isinstance(content, str):
+        chat[-1]["content"] = content + _CONTINUE_MARK
+        return
+    for part in reversed(content if isinstance(content, list) else []):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            part["text"] += _CONTINUE_MARK
+            return
+    raise ChatTemplateError("continue_final_message needs a final message with text content")
+
+
+def _cut_at_mark(text: str) -> str:
+    at = text.rfind(_CONTINUE_MARK.strip())
+    if at < 0:
+        raise ChatTemplateError(
+            "continue_final_message: the chat template does not write the final message's content"
+        )
+    # a template that trims the content trims its trailing space too: so does the cut
+    return text[:at] if text.startswith(_CONTINUE_MARK, at) else text[:at].rstrip()

@@ -285,6 +285,8 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
         """The prompt text for a conversation (not tokenized), as transformers renders it."""
@@ -299,6 +301,8 @@ class Tokenizer:
             messages,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
+            documents=documents,
+            continue_final_message=continue_final_message,
             special_tokens=self._special_tokens,
             **extra,
         )

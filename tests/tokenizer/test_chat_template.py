@@ -286,3 +286,58 @@ def test_no_template_is_a_clear_error() -> None:
     ours._templates = {}
     with pytest.raises(ChatTemplateError, match="no chat template"):
         ours.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# a template that reads documents (RAG), in the shape transformers passes them
+DOCUMENTS_TEMPLATE = (
+    "{% if documents %}{% for doc in documents %}[{{ doc['title'] }}] {{ doc['text'] }}\n{% endfor %}{% endif %}"
+    + LLAMA3_STYLE
+)
+PREFILLED = [
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}],
+    [{"role": "user", "content": "Count:"}, {"role": "assistant", "content": "one, two, "}],  # trailing space
+    [{"role": "user", "content": "Hi 中文"}, {"role": "assistant", "content": "Sure 😀"}],
+]
+
+
+@pytest.mark.parametrize("name", ["default model", "llama3-style", "qwen-style", "parts-aware"])
+def test_continue_final_message_matches_transformers(name: str, request: pytest.FixtureRequest) -> None:
+    """The text ends where the last message's content does, as transformers cuts it (trailing space
+    kept where the template keeps it, dropped where it trims)."""
+    ours, ref = {
+        "default model": lambda: _pair(*request.getfixturevalue("default_template")),
+        "llama3-style": lambda: _pair(LLAMA3_STYLE),
+        "qwen-style": lambda: _pair(QWEN_STYLE, "<|endoftext|>", "<|im_end|>"),
+        "parts-aware": lambda: _pair(PARTS_AWARE),
+    }[name]()
+    for conversation in PREFILLED:
+        for mine in (conversation, _as_parts(conversation)):
+            expected = ref.apply_chat_template(
+                copy.deepcopy(mine if name == "parts-aware" else conversation),
+                tokenize=False,
+                add_generation_prompt=False,
+                continue_final_message=True,
+            )
+            got = ours.apply_chat_template(mine, add_generation_prompt=False, continue_final_message=True)
+            assert got == expected and got.rstrip().endswith(conversation[-1]["content"].rstrip())
+
+
+def test_continue_final_message_without_text_to_continue_is_an_error() -> None:
+    ours, _ = _pair(LLAMA3_STYLE)
+    with pytest.raises(ChatTemplateError, match="continue_final_message"):
+        ours.apply_chat_template([{"role": "assistant", "content": None}], continue_final_message=True)
+    drops = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # never writes the content
+    ours, _ = _pair(drops)
+    with pytest.raises(ChatTemplateError, match="does not write the final message"):
+        ours.apply_chat_template([{"role": "user", "content": "x"}], continue_final_message=True)
+
+
+def test_documents_reach_the_template_as_in_transformers() -> None:
+    ours, ref = _pair(DOCUMENTS_TEMPLATE)
+    docs = [
+        {"title": "Paris", "text": "Capital of France."},
+        {"title": "Rome", "text": "Capital of Italy 🇮🇹."},
+    ]
+    for conversation in CONVERSATIONS[:2]:
+        _check(ours, ref, conversation, conversation, documents=docs)
+    assert "[Rome] Capital of Italy" in ours.apply_chat_template(CONVERSATIONS[0], documents=docs)
