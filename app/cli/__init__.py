@@ -23,6 +23,7 @@ from app.cli.vllm_flags import (
     add_foreign_flags,
     check_foreign_flags,
     expand_config,
+    vllm_spellings,
 )
 from app.engine.types import ExecutorFailure
 from app.model.registry import describe_families  # torch-free: classes are imported on first use
@@ -177,7 +178,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings, list[
     """The parsed command line (a --config file expanded), its Settings, and the warning lines of
     the vLLM flags it ignores; ValueError (or ValidationError) for what it refuses."""
     bools = {"--" + k.replace("_", "-") for k, f in Settings.model_fields.items() if f.annotation is bool}
-    ns = build_parser().parse_args(expand_config(argv, bools))
+    ns = build_parser().parse_args(vllm_spellings(expand_config(argv, bools)))
     settings = _settings(ns)
     return ns, settings, check_foreign_flags(ns, settings.model, settings.revision)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import openai
 import pytest
@@ -20,6 +21,7 @@ from tests.support.hf_cache import lay_out_hub_cache, model_files
 from tests.support.models import tiny_llama
 
 REPO = "tiny-org/tiny-llama"
+VLLM_FLAGS = json.loads((Path(__file__).parent / "data" / "vllm_0.32_serve_flags.json").read_text())["flags"]
 
 
 def parse(*argv: str) -> tuple[Settings, list[str]]:
@@ -96,6 +98,58 @@ def test_meaningless_vllm_flags_warn_once_each_and_unhonourable_ones_are_refused
     ):
         with pytest.raises(ValueError, match=reason):
             parse(*argv)
+
+
+def serve_options() -> set[str]:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    return {option for action in serve._actions for option in action.option_strings}
+
+
+def test_every_flag_of_vllm_serve_is_known():
+    """vLLM 0.32's whole `vllm serve` command line (read from its own parser): each option is ours,
+    an alias of ours, or a foreign flag we ignore or refuse; none is an argparse error."""
+    known = serve_options()
+    unknown = [
+        o for flag in VLLM_FLAGS for o in flag["options"] if o not in known and o not in ("-h", "--help")
+    ]
+    assert unknown == []
+
+
+def test_each_foreign_vllm_flag_warns_or_is_refused_naming_itself():
+    ours = {o for name in Settings.model_fields for o in build_parser_options_of(name)}
+    for flag in VLLM_FLAGS:
+        option = flag["options"][0]
+        if option in ours or option in ("-h", "--help", "--config"):
+            continue
+        argv = ["org/m", option, *(["1"] if flag["takes_value"] else [])]
+        try:
+            _, warnings = parse(*argv)
+        except ValueError as e:
+            assert str(e).startswith(option + " ") and " is not supported: " in str(e), e
+            continue
+        # silent only where the value asks for what we do anyway (-pp 1, --nnodes 1, ...)
+        assert len(warnings) <= 1 and all(w.startswith(f"{option} is ignored: ") for w in warnings), warnings
+
+
+def build_parser_options_of(field: str) -> list[str]:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    return [o for action in serve._actions if action.dest == field for o in action.option_strings]
+
+
+def test_vllm_spellings_underscores_and_json_keys():
+    s, warnings = parse("org/m", "--max_num_seqs", "5", "--override-generation-config.temperature", "0.5",
+                        "--override_generation_config.top_p=0.9", "--compilation-config.mode", "3",
+                        "-cc.cudagraph_capture_sizes=[1,2]", "-O3")  # fmt: skip
+    assert s.max_num_seqs == 5
+    assert s.override_generation_config == {"temperature": 0.5, "top_p": 0.9}
+    assert [w.split(" ")[0] for w in warnings] == ["--compilation-config", "--optimization-level"]
+    assert warnings[0].count("--compilation-config") == 1  # the two spellings are one flag, one warning
+    with pytest.raises(ValueError, match="unknown key"):
+        parse("--override-generation-config.temprature", "1")
+    # a refused switch given off asks for what we do: silent, as is its value that means ours
+    assert parse("--no-enable-lora", "--no-headless", "-dp", "1", "--scheduling-policy", "fcfs")[1] == []
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        parse("--scheduling-policy", "priority")
 
 
 def test_a_refusal_through_main_is_one_line(capsys):
