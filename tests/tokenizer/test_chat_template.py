@@ -171,14 +171,22 @@ def default_template(default_gguf_reader) -> tuple[str, str, str]:
     return fields["tokenizer.chat_template"].contents(), bos, eos
 
 
-@pytest.mark.parametrize("name", ["default model", "llama3-style", "qwen-style", "parts-aware"])
-def test_string_content_matches_transformers(name: str, request: pytest.FixtureRequest) -> None:
-    ours, ref = {
-        "default model": lambda: _pair(*request.getfixturevalue("default_template")),
+TEMPLATE_NAMES = ["default model", "llama3-style", "qwen-style", "parts-aware"]
+
+
+def _named_pair(name: str, request: pytest.FixtureRequest):
+    if name == "default model":
+        return _pair(*request.getfixturevalue("default_template"))
+    return {
         "llama3-style": lambda: _pair(LLAMA3_STYLE),
         "qwen-style": lambda: _pair(QWEN_STYLE, "<|endoftext|>", "<|im_end|>"),
         "parts-aware": lambda: _pair(PARTS_AWARE),
     }[name]()
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_string_content_matches_transformers(name: str, request: pytest.FixtureRequest) -> None:
+    ours, ref = _named_pair(name, request)
     for conversation in CONVERSATIONS:
         _check(ours, ref, conversation, conversation)
 
@@ -300,16 +308,11 @@ PREFILLED = [
 ]
 
 
-@pytest.mark.parametrize("name", ["default model", "llama3-style", "qwen-style", "parts-aware"])
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
 def test_continue_final_message_matches_transformers(name: str, request: pytest.FixtureRequest) -> None:
     """The text ends where the last message's content does, as transformers cuts it (trailing space
     kept where the template keeps it, dropped where it trims)."""
-    ours, ref = {
-        "default model": lambda: _pair(*request.getfixturevalue("default_template")),
-        "llama3-style": lambda: _pair(LLAMA3_STYLE),
-        "qwen-style": lambda: _pair(QWEN_STYLE, "<|endoftext|>", "<|im_end|>"),
-        "parts-aware": lambda: _pair(PARTS_AWARE),
-    }[name]()
+    ours, ref = _named_pair(name, request)
     for conversation in PREFILLED:
         for mine in (conversation, _as_parts(conversation)):
             expected = ref.apply_chat_template(
