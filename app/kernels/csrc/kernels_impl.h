@@ -106,6 +106,19 @@ static void quantize_rows(const LinearArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
+// The 4 outputs of a tile from its accumulator (4 lanes each): ((l0 + l1) + (l2 + l3)), times the
+// weight's scale, plus the bias.
+static inline void store_q8(const LinearArgs& a, __m512 acc, int64_t m, int64_t n0) {
+  alignas(64) float l[16];
+  _mm512_store_ps(l, acc);
+  float* y = a.y + m * a.N + n0;
+  for (int j = 0; j < ss::kPackRows; ++j) {
+    float s = (l[4 * j] + l[4 * j + 1]) + (l[4 * j + 2] + l[4 * j + 3]);
+    if (a.scale) s *= a.scale[n0 + j];
+    y[j] = a.bias ? s + a.bias[n0 + j] : s;
+  }
+}
+
 // A packed tile of 4 outputs with int8 activations: per 16-element block, vpdpbusd of the row's 16
 // activation bytes (broadcast to the 4 outputs' 16-byte lanes) with the tile's 64 weight bytes; the
 // +128 offset of the unsigned activations is taken back with the weights' own sums (one more
@@ -129,16 +142,33 @@ static void linear_tile_q8(const LinearArgs& a, int64_t m0, int64_t n0) {
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xd[i * nb + b]), acc[i]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    alignas(64) float l[16];
-    _mm512_store_ps(l, acc[i]);
-    float* y = a.y + (m0 + i) * a.N + n0;
-    for (int j = 0; j < ss::kPackRows; ++j) {
-      float s = (l[4 * j] + l[4 * j + 1]) + (l[4 * j + 2] + l[4 * j + 3]);
-      if (a.scale) s *= a.scale[n0 + j];
-      y[j] = a.bias ? s + a.bias[n0 + j] : s;
+  for (int i = 0; i < MR; ++i) store_q8(a, acc[i], m0 + i, n0);
+}
+
+// One row against T packed tiles side by side (a decode step's GEMV): T independent accumulator
+// chains and T weight streams in flight; each output's arithmetic is linear_tile_q8's.
+template <int T>
+static void linear_tiles_q8_row(const LinearArgs& a, int64_t m, int64_t n0) {
+  const int64_t K = a.K, nb = K / ss::kActBlock;
+  const uint8_t* xq = a.xq + m * K;
+  const float* xd = a.xd + m * nb;
+  const int8_t* w = static_cast<const int8_t*>(a.w) + n0 * K;  // tile t at w + t * 4 * K
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512i xv = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + b * 16)));
+    const __m512 d = _mm512_set1_ps(xd[b]);
+    for (int t = 0; t < T; ++t) {
+      const int8_t* wt = w + t * ss::kPackRows * K + b * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wt) + SS_PREFETCH, _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(wt);
+      const __m512i comp = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, wv), 7);
+      const __m512i s = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xv, wv), comp);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[t]);
     }
   }
+  for (int t = 0; t < T; ++t) store_q8(a, acc[t], m, n0 + t * ss::kPackRows);
 }
 #endif
 
@@ -199,6 +229,16 @@ static void linear_range_fmt(const LinearArgs& a, int64_t n_begin, int64_t n_end
     const int64_t c1 = std::min(n_end, c0 + chunk);
     for (int64_t m0 = 0; m0 < a.M; m0 += SS_MR) {
       const int mr = static_cast<int>(std::min<int64_t>(SS_MR, a.M - m0));
+#ifdef SS_INT8_ACT
+      if constexpr (WF == ss::W_I8_PACKED) {
+        if (mr == 1) {  // a lone row: several tiles at once
+          int64_t n0 = c0;
+          for (; n0 + 8 * ss::kPackRows <= c1; n0 += 8 * ss::kPackRows) linear_tiles_q8_row<8>(a, m0, n0);
+          for (; n0 < c1; n0 += ss::kPackRows) linear_tiles_q8_row<1>(a, m0, n0);
+          continue;
+        }
+      }
+#endif
       for (int64_t n0 = c0; n0 < c1; n0 += SS_NR) {
         const int nr = static_cast<int>(std::min<int64_t>(SS_NR, c1 - n0));
         linear_tile_dispatch<WF, SS_MR, SS_NR>(a, m0, mr, n0, nr);
