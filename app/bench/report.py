@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from app.bench import servers
@@ -160,9 +161,15 @@ def main(argv: list[str]) -> int:
     extra = {name: (root / "results" / f"{name}.md") for name in ("kernels", "engine", "structured")}
     section = render(
         results, workloads, roofline(model, a.bandwidth_gbs), a.bandwidth_gbs, servers.versions(root), skipped,
-        charts, a.out.parent, {k: v.read_text() for k, v in extra.items() if v.exists()}, a.quick,
+        charts, a.out.parent, {k: _dated(v) for k, v in extra.items() if v.exists()}, a.quick,
         time.monotonic() - t0, reran,
     )  # fmt: skip
     write_section(a.out, section)
     print(f"\nwrote {a.out} (between the bench markers) and {len(charts)} charts in {a.charts}")
     return 1 if any("error" in r or r["result"]["failed"] for r in results) else 0
+
+
+def _dated(path: Path) -> str:
+    """A results file of an earlier step, with when it was written: a --rerun reuses older ones."""
+    when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Written {when} by `make bench`'s step of that name.\n\n" + path.read_text()

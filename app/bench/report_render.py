@@ -198,7 +198,7 @@ def render(results: list[dict], workloads: Sequence[Any], roof: list[dict], band
         f"- {s}: `{cmd}`" for s, cmd in dict.fromkeys((r["system"], _short(r["command"])) for r in results)
     ]
     for name, text in extra_md.items():
-        md += ["", f"### {name} (`shardserve bench {name}`, same run)", "", _demote(text)]
+        md += ["", f"### {name} (`shardserve bench {name}`)", "", _demote(text)]
     return "\n".join(md).rstrip() + "\n"
 
 
