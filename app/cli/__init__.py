@@ -2,7 +2,8 @@
 
 Options come from the Settings fields, so every flag has its SHARDSERVE_<NAME> twin and one
 description; flags given on the command line override the environment. vLLM's command line
-(positional model, its spellings, --config, its flags we ignore or refuse) is app/cli/vllm_flags.py."""
+(positional model, its spellings, --config) is app/cli/vllm_flags.py; its flags we ignore or refuse
+are app/cli/foreign_flags.py."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from app.bench import TARGETS
+from app.cli.foreign_flags import add_foreign_flags, check_foreign_flags
 from app.cli.vllm_flags import (
     CONFIG_MODEL,
     FLAG_ALIASES,
     GROUP_HELP,
     HELP_GROUPS,
-    add_foreign_flags,
-    check_foreign_flags,
     expand_config,
     vllm_spellings,
 )

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from app.cli import build_parser, main, parse_args
-from app.cli.vllm_flags import FOREIGN_FLAGS, HELP_GROUPS
+from app.cli.foreign_flags import FOREIGN_FLAGS
+from app.cli.vllm_flags import HELP_GROUPS
 from app.model.generation_config import sampling_defaults
 from app.model.store import BUILTIN_MODELS, DEFAULT_MODEL, builtin_entry, builtin_path
 from app.settings import Settings
